@@ -1,0 +1,113 @@
+"""The aiohttp application: middlewares, the one route table, and the service lifecycle."""
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from api import domains, mailboxes, outbound, system, tenancy
+from api.common import MASTER_TOKEN, RUNTIME, SCOPE_KEY, error_response
+from policyd.errors import PolicydError, Unauthorized
+from policyd.runtime import Runtime
+from policyd.store import StoreError
+from policyd.store import partners as partner_store
+from policyd.store.scope import MASTER, Scope
+from policyd.timeutil import iso, utcnow
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PREFIXES = ("/health", "/webhooks/ses", "/portal")
+
+
+def routes() -> list[web.AbstractRouteDef]:
+    """The whole route table, in one place."""
+    return [
+        *system.ROUTES, *domains.ROUTES, *outbound.ROUTES, *mailboxes.ROUTES, *tenancy.ROUTES,
+    ]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves in the one JSON shape; bad input is never a 500."""
+    try:
+        return await handler(request)
+    except PolicydError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(400, "invalid", "request body over the size limit (1 MiB)")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid")
+        return error_response(exc.status, code, exc.reason)
+    except StoreError as exc:
+        log.error("database unavailable for %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "unavailable", "database unavailable, try again")
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error")
+
+
+def _token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = request.headers.get("X-API-Key", "").strip()
+    return key or None
+
+
+async def authenticate(request: web.Request, token: str) -> Scope | None:
+    """The Scope a token grants, or None: master compared in constant time, keys by hash."""
+    master = request.app[MASTER_TOKEN]
+    if master and hmac.compare_digest(token.encode("utf-8", "surrogateescape"),
+                                      master.encode("utf-8")):
+        return MASTER
+    rt = request.app[RUNTIME]
+    digest = partner_store.hash_token(token)
+    found = await rt.store.read(partner_store.key_by_token_hash, digest)
+    if found is None:
+        return None
+    key, stored = found
+    now = iso(utcnow())
+    if not hmac.compare_digest(stored, digest) or not key.usable(now):
+        return None
+    await rt.store.write(partner_store.touch_key, key.id, now)
+    return Scope(actor=key.id, partner_id=key.partner_id)
+
+
+def _public(request: web.Request) -> bool:
+    path = request.path
+    if path == "/metrics":
+        return request.remote in ("127.0.0.1", "::1") and _token(request) is None
+    return any(path == p or path.startswith(p + "/") for p in PUBLIC_PREFIXES)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer or X-API-Key on every path but the public ones."""
+    if _public(request):
+        return await handler(request)
+    token = _token(request)
+    scope = await authenticate(request, token) if token else None
+    if scope is None:
+        raise Unauthorized("missing, invalid, expired or revoked token")
+    request[SCOPE_KEY] = scope
+    return await handler(request)
+
+
+def create_app(runtime: Runtime, master_token: str,
+               services: Callable[[web.Application], AsyncIterator[None]] | None = None
+               ) -> web.Application:
+    """Build the application; services (a cleanup_ctx) starts and stops everything else."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=runtime.config.api.max_body_bytes)
+    app[RUNTIME] = runtime
+    app[MASTER_TOKEN] = master_token
+    if services is not None:
+        app.cleanup_ctx.append(services)
+    app.add_routes(routes())
+    return app
+

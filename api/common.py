@@ -1,0 +1,133 @@
+"""Shared pieces of every handler: app keys, the JSON error shape, body parsing, pagination."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from policyd.errors import Forbidden, Invalid, PolicydError
+from policyd.names import NameError_
+from policyd.runtime import Runtime
+from policyd.store.scope import Scope
+
+SCOPE_KEY = "policyd.scope"  # request-level key: the caller's Scope, set by the auth middleware
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+MASTER_TOKEN: web.AppKey[str] = web.AppKey("master_token", str)
+
+
+def runtime_of(request: web.Request) -> Runtime:
+    """The process runtime behind a request."""
+    return request.app[RUNTIME]
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    """The one error shape: {"error": {"code", "message"}}."""
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def scope_of(request: web.Request) -> Scope:
+    """The authenticated caller."""
+    return request[SCOPE_KEY]
+
+
+def require_master(request: web.Request) -> Scope:
+    """The caller, who must be the master; else 403 forbidden."""
+    scope = scope_of(request)
+    if not scope.is_master:
+        raise Forbidden("this action needs the master token")
+    return scope
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body, or Invalid."""
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise Invalid("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Invalid("body must be a JSON object")
+    return body
+
+
+def only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Reject unknown fields, so a typo is an error and not silently ignored."""
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise Invalid(f"unknown field(s): {', '.join(unknown)}")
+
+
+def opt_int(body: dict[str, Any], field: str, *, minimum: int = 0,
+            maximum: int = 2**62) -> int | None:
+    """An optional non-bool integer field in range (null allowed)."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"{field} must be an integer or null")
+    if not minimum <= value <= maximum:
+        raise Invalid(f"{field} must be between {minimum} and {maximum}")
+    return value
+
+
+def opt_str(body: dict[str, Any], field: str, *, max_len: int = 255) -> str | None:
+    """An optional string field of bounded length (null allowed)."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Invalid(f"{field} must be a string or null")
+    if len(value) > max_len or "\x00" in value:
+        raise Invalid(f"{field} must be at most {max_len} characters")
+    return value
+
+
+def opt_bool(body: dict[str, Any], field: str) -> bool | None:
+    """An optional boolean field."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise Invalid(f"{field} must be true or false")
+    return value
+
+
+def flag(request: web.Request, name: str) -> bool:
+    """A boolean query parameter (?force=true)."""
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise Invalid(f"?{name} must be true or false")
+    return value in ("true", "1", "yes")
+
+
+def page(request: web.Request, *, default: int = 100, maximum: int = 1000) -> tuple[int, int]:
+    """(limit, offset) from ?limit=&offset=."""
+    try:
+        limit = int(request.query.get("limit", default))
+        offset = int(request.query.get("offset", 0))
+    except ValueError:
+        raise Invalid("limit and offset must be integers") from None
+    if not 1 <= limit <= maximum or offset < 0:
+        raise Invalid(f"limit must be 1..{maximum} and offset >= 0")
+    return limit, offset
+
+
+def paged(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
+    """A list page; items holds up to limit+1 rows, the extra one only signals a next page."""
+    more = len(items) > limit
+    return {"items": items[:limit], "next": offset + limit if more else None}
+
+
+def normalised(fn: Any, value: Any) -> Any:
+    """Run a names normaliser, turning its error into Invalid."""
+    try:
+        return fn(value)
+    except NameError_ as exc:
+        raise Invalid(str(exc)) from None
+
+
+__all__ = ["PolicydError", "error_response", "scope_of", "require_master", "json_body", "only",
+           "opt_int", "opt_str", "opt_bool", "flag", "page", "paged", "normalised"]

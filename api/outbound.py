@@ -1,0 +1,86 @@
+"""Handlers for outbound control: settings, REST increments, history and resets."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from api.common import json_body, normalised, only, opt_bool, require_master, runtime_of, scope_of
+from api.domains import domain_name, show
+from policyd import jobs, outbound
+from policyd.errors import Invalid
+from policyd.names import normalize_domain
+from policyd.store import counters
+from policyd.store import domains as domain_store
+from policyd.timeutil import utcnow
+
+
+async def get(request: web.Request) -> web.Response:
+    view = await show(runtime_of(request), scope_of(request), domain_name(request))
+    return web.json_response({"domain": view["name"], **view["outbound"]})
+
+
+async def put(request: web.Request) -> web.Response:
+    rt, scope = runtime_of(request), scope_of(request)
+    body = await json_body(request)
+    only(body, outbound.FIELDS)
+    await rt.store.write(outbound.put_outbound, scope, domain_name(request), body, rt.config.tiers)
+    return await get(request)
+
+
+async def increment(request: web.Request) -> web.Response:
+    rt, scope = runtime_of(request), require_master(request)
+    name = domain_name(request)
+    body = await json_body(request)
+    only(body, ("count", "bytes"))
+    count, nbytes = body.get("count", 1), body.get("bytes", 0)
+    for field, value, low in (("count", count, 1), ("bytes", nbytes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10**9:
+            raise Invalid(f"{field} must be an integer from {low} to 10^9")
+    day, month = rt.periods.keys(utcnow())
+    result = await rt.store.write(outbound.increment, scope, name, count, nbytes, day, month)
+    reply = {"allowed": result.allowed, "sent_today": result.sent_today,
+             "sent_month": result.sent_month}
+    if result.reason:
+        reply["reason"] = result.reason
+    return web.json_response(reply)
+
+
+async def history(request: web.Request) -> web.Response:
+    rt, scope = runtime_of(request), scope_of(request)
+    domain = await rt.store.read(domain_store.get_domain, scope, domain_name(request))
+    items = await rt.store.read(counters.history, domain.id)
+    return web.json_response({"domain": domain.name, "items": items, "next": None})
+
+
+async def reset_daily(request: web.Request) -> web.Response:
+    return await _reset(request, "day")
+
+
+async def reset_monthly(request: web.Request) -> web.Response:
+    return await _reset(request, "month")
+
+
+async def _reset(request: web.Request, kind: str) -> web.Response:
+    rt, scope = runtime_of(request), require_master(request)
+    body = await json_body(request)
+    only(body, ("domain", "current"))
+    if not body.get("current"):
+        opt_bool(body, "current")
+        if "domain" in body:
+            raise Invalid('a domain reset needs "current": true (it zeroes the running period)')
+        return web.json_response(await jobs.reset(rt, kind))
+    if opt_bool(body, "current") and "domain" not in body:
+        raise Invalid('"current": true needs "domain"')
+    name = normalised(normalize_domain, body["domain"])
+    day, month = rt.periods.keys(utcnow())
+    result = await rt.store.write(outbound.reset_current, scope, name, kind,
+                                  day if kind == "day" else month)
+    return web.json_response(result)
+
+
+ROUTES = [
+    web.get("/domains/{name}/outbound", get), web.put("/domains/{name}/outbound", put),
+    web.post("/domains/{name}/outbound/increment", increment),
+    web.get("/domains/{name}/outbound/history", history),
+    web.post("/outbound/reset-daily", reset_daily),
+    web.post("/outbound/reset-monthly", reset_monthly),
+]

@@ -1,0 +1,3 @@
+from policyd.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""Scheduled work, shared by the in-process scheduler, the CLI and the REST endpoints."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+from policyd import outbound, retention, sesflow
+from policyd.runtime import Runtime
+from policyd.store import counters
+from policyd.store import domains as domain_store
+from policyd.store import notifications as outbox
+from policyd.timeutil import iso, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _oldest_month(month: str, keep: int) -> str:
+    year, mon = int(month[:4]), int(month[5:7])
+    index = year * 12 + (mon - 1) - keep
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+async def reset(rt: Runtime, kind: str) -> dict[str, Any]:
+    """Close ended periods ('day' or 'month'); never touches a running period. Idempotent."""
+    now = utcnow()
+    day, month = rt.periods.keys(now)
+    oldest = _oldest_month(month, rt.config.outbound.history_months)
+    result = await rt.store.write(outbound.close_periods, kind, day, month, oldest, iso(now))
+    log.info("reset-%s: %s", "daily" if kind == "day" else "monthly", result)
+    return {"kind": "daily" if kind == "day" else "monthly", "day": day, "month": month,
+            **result}
+
+
+async def housekeeping(rt: Runtime) -> None:
+    """Forget old SNS message ids and delivered notifications."""
+    before = iso(utcnow() - timedelta(days=14))
+    pruned = await rt.store.write(counters.prune_seen, before)
+    dropped = await rt.store.write(outbox.prune_delivered, before)
+    if pruned or dropped:
+        log.info("housekeeping: %d SNS ids, %d notifications pruned", pruned, dropped)
+
+
+async def purge_retention(rt: Runtime) -> list[dict[str, Any]]:
+    """Remove mail older than each domain's retention_days (in a thread: file walks)."""
+    work = await rt.store.read(domain_store.retention_domains)
+    log.info("retention purge: %d domains with a retention policy", len(work))
+    reports = []
+    for name, days, local_parts in work:
+        reports.append(await asyncio.to_thread(_purge_one, rt, name, days, local_parts))
+        log.info("retention purge of %s: %s", name, reports[-1])
+    return reports
+
+
+def _purge_one(rt: Runtime, name: str, days: int, local_parts: list[str]) -> dict[str, Any]:
+    mail = rt.config.mail
+    if mail.expunge == "doveadm":
+        report = retention.purge_doveadm(name, [f"{p}@{name}" for p in local_parts], days)
+    else:
+        cutoff = utcnow() - timedelta(days=days)
+        report = retention.purge_maildir(mail.maildir_root, name, local_parts, cutoff)
+    return {**report.as_dict(), "retention_days": days}
+
+
+async def ses_poll(rt: Runtime) -> dict[str, int]:
+    """One SES poller round."""
+    return await sesflow.poll(rt)

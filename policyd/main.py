@@ -1,0 +1,123 @@
+"""The composition root: builds one process (API, policy server, scheduler) on one store."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from policyd.config import Config
+from policyd.notifications import Notifier
+from policyd.policyserver import PolicyServer
+from policyd.runtime import Runtime
+from policyd.scheduler import Scheduler
+from policyd.service import PolicyService
+from policyd.ses import SesClient
+from policyd.sns import SnsVerifier
+from policyd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def master_token(config: Config) -> str:
+    """The master token: config/env, else master.token beside the database (made once, 0600)."""
+    if config.auth.master_token:
+        return config.auth.master_token
+    path = config.db_path.resolve().parent / "master.token"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    log.warning("no master token configured: generated one in %s (mode 0600)", path)
+    return token
+
+
+def build_runtime(config: Config) -> Runtime:
+    """The runtime with its store and clients (not yet started)."""
+    store = Store(config.db_path, synchronous=config.database.synchronous,
+                  busy_timeout=config.database.busy_timeout)
+    rt = Runtime(config=config, store=store)
+    if not config.ses.instance_metadata:
+        # boto3's last credential source is the EC2 metadata service; off unless asked for, so
+        # a host without AWS credentials never probes 169.254.169.254.
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    rt.ses = SesClient(region=config.ses.region, endpoint_url=config.ses.endpoint_url or None)
+    rt.sns = SnsVerifier(cert_host_pattern=config.sns.cert_host_pattern,
+                         insecure_http_certs=config.sns.insecure_http_certs,
+                         allowed_topic_arns=config.sns.allowed_topic_arns)
+    return rt
+
+
+def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True):  # type: ignore[no-untyped-def]
+    """A cleanup_ctx pairing every start with its stop, in order."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await rt.store.open()
+        rt.http = aiohttp.ClientSession()
+        rt.notifier = Notifier(rt.store, lambda: rt.http, rt.metrics)
+        server = None
+        if policy:
+            server = await start_policy(rt)
+            app["policy_server"] = server
+        sched = Scheduler(rt) if scheduler and rt.config.scheduler.enabled else None
+        if sched:
+            sched.start()
+        try:
+            yield
+        finally:
+            if server is not None:
+                await server.stop()
+            if sched:
+                await sched.stop()
+            await rt.tasks.drain(timeout=5)
+            await rt.sns.close()
+            await rt.http.close()
+            await rt.store.close()
+            log.info("stopped cleanly")
+    return ctx
+
+
+async def start_policy(rt: Runtime) -> PolicyServer:
+    """Start the policy server on [policy] listen."""
+    cfg = rt.config.policy
+    service = PolicyService(rt.store, cfg, rt.periods, rt.metrics)
+    server = PolicyServer(service.handle, host=cfg.listen[0], port=cfg.listen[1],
+                          idle_timeout=cfg.idle_timeout, max_connections=cfg.max_connections,
+                          on_count=rt.metrics.connections.set,
+                          on_protocol_error=lambda r: rt.metrics.protocol_errors.labels(r).inc())
+    await server.start()
+    return server
+
+
+async def serve(config: Config) -> None:
+    """Run everything until SIGTERM or SIGINT, then shut down gracefully."""
+    from api.app import create_app  # the composition root is the one place core meets api
+
+    rt = build_runtime(config)
+    app = create_app(rt, master_token(config), services(rt))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    host, port = config.api.listen
+    site = web.TCPSite(runner, host, port, backlog=512)
+    await site.start()
+    log.info("API listening on http://%s:%d (database %s)", host, port, config.db_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+
+
+def database_path(config: Config) -> Path:
+    """The database path (for messages)."""
+    return config.db_path

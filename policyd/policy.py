@@ -1,0 +1,231 @@
+"""The policy decision (SPEC §6): pure functions of a request and the facts read for it.
+
+The caller gathers Facts, calls decide(), then persists Decision.count/bytes to
+Decision.count_domain. For a hard limit it must do that as one conditional increment that
+uses the same rule as over_limit() (allowed iff used + n <= limit, None = unlimited), and
+answer limit_decision(...) when the increment is refused, since counters may have moved.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from policyd.protocol import POLICY_REQUEST, PolicyRequest
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Postfix protocol_state values the policy acts on, in SMTP order. Others (CONNECT, EHLO,
+# HELO, VRFY, ETRN) carry no sender or recipient: nothing to decide there.
+_STATE_RANK = {"MAIL": 0, "RCPT": 1, "DATA": 2, "END-OF-MESSAGE": 3}
+COUNT_AT_CHOICES = ("RCPT", "DATA", "END-OF-MESSAGE")
+_ONE_RECIPIENT_STATES = ("MAIL", "RCPT")
+
+_LIMIT_TEXT = {
+    "quota_daily": "Daily sending limit",
+    "quota_monthly": "Monthly sending limit",
+    "transfer": "Monthly transfer limit",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The sender domain's counters for the running day and month."""
+
+    sent_today: int = 0
+    sent_month: int = 0
+    bytes_month: int = 0
+
+
+NO_USAGE = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class DomainFacts:
+    """One hosted domain, with effective (wildcard-inherited) limits and enforcement."""
+
+    name: str
+    partner_id: int | None = None
+    status: str = "active"  # active | suspended
+    out_status: str = "active"  # active | blocked | suspended
+    ses_status: str = "not_started"  # the domain's own SES status
+    parent_ses_status: str | None = None  # the linked wildcard parent's, if any
+    daily_limit: int | None = None  # None = unlimited
+    monthly_limit: int | None = None
+    transfer_limit_bytes: int | None = None
+    enforcement: str = "hard"  # hard | soft | off
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the store knows about one request's domains."""
+
+    sender: DomainFacts | None = None  # None = sender domain not hosted
+    login_partner_known: bool = False  # the SASL login's domain is hosted
+    login_partner_id: int | None = None  # its partner (None = master-owned)
+    recipient: DomainFacts | None = None  # None = recipient domain not hosted
+    counters: Usage = NO_USAGE  # the sender domain's usage
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The reply to send, why, and what to count (to count_domain) if it is sent."""
+
+    action: str  # the reply text after "action="
+    reason: str  # short label for logs and metrics
+    count: int = 0  # messages to count now
+    bytes: int = 0  # bytes to count now
+    count_domain: str | None = None  # set exactly when this state is the counting state
+    limited: bool = False  # a hard limit refused it
+
+
+NO_RULE = Decision("DUNNO", "no_rule")
+NULL_SENDER = Decision("DUNNO", "null_sender")
+_ALLOWED_UNCOUNTED = Decision("DUNNO", "allowed")
+_INBOUND_UNCOUNTED = Decision("DUNNO", "inbound")
+
+
+def decide(
+    req: PolicyRequest,
+    facts: Facts,
+    *,
+    count_at: str = "END-OF-MESSAGE",
+    suspended_inbound: str = "hold",
+    outbound: bool,
+) -> Decision:
+    """Decide one request per SPEC §6 (outbound: checks in table order, then quota)."""
+    if count_at not in COUNT_AT_CHOICES:
+        raise ValueError(f"count_at must be one of {', '.join(COUNT_AT_CHOICES)}")
+    count_rank = _STATE_RANK[count_at]
+    rank = _STATE_RANK.get(req.protocol_state)
+    if rank is None or req.request != POLICY_REQUEST:
+        return NO_RULE
+    if outbound:
+        return _outbound(req, facts, rank, count_rank)
+    return _inbound(req, facts.recipient, rank, count_rank, suspended_inbound)
+
+
+def _outbound(req: PolicyRequest, facts: Facts, rank: int, count_rank: int) -> Decision:
+    if not req.sender:
+        return NULL_SENDER
+    domain = facts.sender
+    if domain is None:
+        return _not_hosted(req.sender_domain)
+    refusal = _refusal(domain, facts)
+    if refusal is not None:
+        return refusal
+    if rank > count_rank:
+        # Already counted at count_at for this message: checking again would count it twice.
+        return _ALLOWED_UNCOUNTED
+    return _quota(req, facts.counters, domain, counting=rank == count_rank)
+
+
+def _not_hosted(sender_domain: str) -> Decision:
+    if not sender_domain:
+        return Decision("REJECT 5.7.1 Sender address has no domain", "not_hosted")
+    shown = _printable(sender_domain)
+    return Decision(f"REJECT 5.7.1 Sender domain {shown} is not hosted here", "not_hosted")
+
+
+def _refusal(d: DomainFacts, facts: Facts) -> Decision | None:
+    """The non-quota outbound refusals, in SPEC §6 order; None when none applies."""
+    if facts.login_partner_known and facts.login_partner_id != d.partner_id:
+        text = f"REJECT 5.7.1 Sender domain {d.name} does not belong to the authenticated user"
+        return Decision(text, "login_mismatch")
+    if d.status != "active":
+        return Decision(f"DEFER 4.7.1 Domain {d.name} is suspended, try again later", "suspended")
+    if not ses_verified(d):
+        return Decision(f"REJECT 5.7.1 Sender domain {d.name} is not verified for sending",
+                        "ses_unverified")
+    if d.out_status != "active":
+        if d.out_status == "blocked":
+            return Decision(f"REJECT 5.7.1 Outbound mail from {d.name} is blocked", "blocked")
+        return Decision(f"REJECT 5.7.1 Outbound mail from {d.name} is suspended", "out_suspended")
+    return None
+
+
+def _quota(req: PolicyRequest, usage: Usage, d: DomainFacts, *, counting: bool) -> Decision:
+    count, nbytes = message_units(req)
+    reason = over_limit(usage, count, nbytes, d)
+    if not counting:  # the same check, "would it fit if counted now", counting nothing
+        if reason is None:
+            return _ALLOWED_UNCOUNTED
+        count = nbytes = 0
+    if reason is not None:
+        return limit_decision(reason, d, count, nbytes)
+    return Decision("DUNNO", "allowed", count, nbytes, d.name)
+
+
+def _inbound(req: PolicyRequest, d: DomainFacts | None, rank: int, count_rank: int,
+             suspended_inbound: str) -> Decision:
+    if d is None:
+        return NO_RULE
+    if d.status != "active":
+        # Suspended: mail is frozen, never bounced (HOLD keeps it in the queue).
+        if suspended_inbound == "defer":
+            return Decision(f"DEFER 4.7.1 Domain {d.name} is suspended, try again later",
+                            "inbound_suspended")
+        return Decision(f"HOLD Domain {d.name} is suspended", "inbound_suspended")
+    if rank != count_rank:
+        return _INBOUND_UNCOUNTED
+    return Decision("DUNNO", "inbound", 0, message_units(req)[1], d.name)
+
+
+def message_units(req: PolicyRequest) -> tuple[int, int]:
+    """(messages, bytes) one request stands for: MAIL/RCPT one recipient, else all of them.
+
+    At MAIL and RCPT the bytes are the SIZE= the client declared in MAIL FROM (Postfix's
+    `size`, 0 if none), so the RCPTs of one message add up to size x recipients, as at DATA.
+    """
+    if req.protocol_state in _ONE_RECIPIENT_STATES:
+        return 1, req.size
+    count = req.recipient_count if req.recipient_count > 0 else 1
+    return count, req.size * count
+
+
+def over_limit(usage: Usage, count: int, nbytes: int, d: DomainFacts) -> str | None:
+    """The first limit that counting (count, nbytes) would exceed, or None if it fits."""
+    if d.daily_limit is not None and usage.sent_today + count > d.daily_limit:
+        return "quota_daily"
+    if d.monthly_limit is not None and usage.sent_month + count > d.monthly_limit:
+        return "quota_monthly"
+    if d.transfer_limit_bytes is not None and usage.bytes_month + nbytes > d.transfer_limit_bytes:
+        return "transfer"
+    return None
+
+
+def limit_decision(reason: str, d: DomainFacts, count: int, nbytes: int) -> Decision:
+    """The reply for an exceeded limit under d.enforcement; count 0 means not counting now."""
+    text = _LIMIT_TEXT.get(reason, "Sending limit")
+    if d.enforcement == "hard":  # refused: counters unchanged, the client retries later
+        return Decision(f"DEFER 4.7.1 {text} reached for {d.name}, try again later",
+                        reason, limited=True)
+    counted_to = d.name if count or nbytes else None
+    if d.enforcement == "soft":  # mail passes, counted, the breach is logged by Postfix
+        return Decision(f"WARN {text} exceeded for {d.name}", reason, count, nbytes, counted_to)
+    return Decision("DUNNO", reason, count, nbytes, counted_to)  # off: never limited
+
+
+def ses_verified(d: DomainFacts) -> bool:
+    """Verified itself, or through its wildcard parent (own status then 'inherited')."""
+    return d.ses_status == "success" or d.parent_ses_status == "success"
+
+
+def is_outbound(req: PolicyRequest, trusted: tuple[Network, ...]) -> bool:
+    """Outbound: a SASL login, or a client address inside one of the trusted networks."""
+    if req.sasl_username:
+        return True
+    if not trusted:
+        return False
+    try:
+        address = ipaddress.ip_address(req.client_address)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d from dual-stack sockets
+    return any(address in net or (mapped is not None and mapped in net) for net in trusted)
+
+
+def _printable(text: str, limit: int = 253) -> str:
+    """Request-supplied text made safe for an SMTP reply: printable ASCII, bounded."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text[:limit])

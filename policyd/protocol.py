@@ -1,0 +1,178 @@
+"""Postfix policy delegation wire format (SMTPD_POLICY_README): pure functions, no I/O.
+
+A request is ``name=value`` lines ended by an empty line; the reply is ``action=...`` and an
+empty line. Anything malformed raises ProtocolError: the server logs it and closes the
+connection, and Postfix retries, then applies its default action.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+MAX_LINE = 65536  # bytes in one line, terminator excluded
+MAX_ATTRS = 256  # attribute lines in one request (Postfix sends about 30)
+MAX_REQUEST = 256 * 1024  # bytes in one request, terminators included
+POLICY_REQUEST = "smtpd_access_policy"  # the only `request` value Postfix sends
+
+_DUNNO_REPLY = b"action=DUNNO\n\n"
+
+
+class ProtocolError(ValueError):
+    """A malformed request; the message is a short reason fit for a log line."""
+
+
+def parse_line(line: bytes) -> tuple[str, str] | None:
+    """Parse one ``name=value`` line; None for the empty line that ends a request."""
+    end = len(line)
+    if end and line[end - 1] == 0x0A:  # b"\n", and b"\r\n"
+        end -= 1
+        if end and line[end - 1] == 0x0D:
+            end -= 1
+    if end == 0:
+        return None
+    if end > MAX_LINE:
+        raise ProtocolError(f"line over {MAX_LINE} bytes")
+    try:
+        text = line[:end].decode("utf-8") if end != len(line) else line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("not UTF-8") from None
+    # Split on the FIRST '=' only: values (ccert_subject, sender...) may contain '='.
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ProtocolError("no '='")
+    if not name:
+        raise ProtocolError("empty attribute name")
+    return name, value
+
+
+class RequestBuilder:
+    """Accumulates the lines of one request on a connection, enforcing the size caps."""
+
+    __slots__ = ("_attrs", "_lines", "_size")
+
+    def __init__(self) -> None:
+        self._attrs: dict[str, str] = {}
+        self._lines = 0
+        self._size = 0
+
+    @property
+    def pending(self) -> bool:
+        """True while a request has started but not yet ended."""
+        return self._size > 0
+
+    def add(self, line: bytes) -> dict[str, str] | None:
+        """Add one raw line; return the finished attributes on the empty line, else None."""
+        self._size += len(line)
+        if self._size > MAX_REQUEST:
+            raise ProtocolError(f"request over {MAX_REQUEST} bytes")
+        item = parse_line(line)
+        if item is None:
+            attrs = self._attrs
+            self.reset()
+            return attrs  # {} for a stray empty line: answered as a request with no rule
+        self._lines += 1
+        if self._lines > MAX_ATTRS:
+            raise ProtocolError(f"more than {MAX_ATTRS} attributes")
+        self._attrs[item[0]] = item[1]  # a repeated attribute: the last one wins
+        return None
+
+    def reset(self) -> None:
+        """Forget any partial request."""
+        self._attrs = {}
+        self._lines = 0
+        self._size = 0
+
+
+def format_reply(action: str) -> bytes:
+    """Encode one reply: ``action=<action>`` and the empty line, ready for a single write."""
+    if action == "DUNNO":
+        return _DUNNO_REPLY
+    if not action or action.isspace():
+        raise ValueError("empty policy action")
+    if "\n" in action or "\r" in action:  # a newline would end the reply early
+        action = action.replace("\r", " ").replace("\n", " ")
+    return f"action={action}\n\n".encode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """The attributes of one request the daemon uses, typed and normalised."""
+
+    request: str = ""
+    protocol_state: str = ""
+    sender: str = ""
+    sender_domain: str = ""
+    recipient: str = ""
+    recipient_domain: str = ""
+    recipient_count: int = 0
+    size: int = 0
+    sasl_username: str = ""
+    sasl_domain: str = ""
+    client_address: str = ""
+    instance: str = ""
+    queue_id: str = ""
+
+
+def to_request(attrs: dict[str, str]) -> PolicyRequest:
+    """Build a PolicyRequest from parsed attributes; never raises, unknown names ignored."""
+    get = attrs.get
+    sender = normalize_address(get("sender", ""))
+    recipient = normalize_address(get("recipient", ""))
+    sasl_username = get("sasl_username", "").strip().lower()
+    return PolicyRequest(
+        request=get("request", ""),
+        protocol_state=get("protocol_state", "").upper(),
+        sender=sender,
+        sender_domain=domain_of(sender),
+        recipient=recipient,
+        recipient_domain=domain_of(recipient),
+        recipient_count=parse_count(get("recipient_count", "")),
+        size=parse_count(get("size", "")),
+        sasl_username=sasl_username,
+        sasl_domain=domain_of(sasl_username),
+        client_address=get("client_address", ""),
+        instance=get("instance", ""),
+        queue_id=get("queue_id", ""),
+    )
+
+
+def normalize_address(value: str) -> str:
+    """Lowercase an address, drop enclosing <>; the null sender ``<>`` becomes ''."""
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    return value.lower()
+
+
+def domain_of(address: str) -> str:
+    """The normalised domain after the last '@' of an address, or '' without one."""
+    at = address.rfind("@")
+    return normalize_domain(address[at + 1:]) if at >= 0 else ""
+
+
+def normalize_domain(name: str) -> str:
+    """Lowercase, drop trailing dots, IDNA to A-labels; left as is when IDNA fails."""
+    name = name.strip().rstrip(".").lower()
+    return name if name.isascii() else _to_a_label(name)
+
+
+# The other dots IDNA (RFC 3490 §3.1) treats as label separators.
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+@lru_cache(maxsize=4096)
+def _to_a_label(name: str) -> str:
+    # The stdlib IDNA 2003 codec, as policyd.names uses, so stored and requested names agree.
+    name = name.translate(_IDNA_DOTS).rstrip(".")
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name  # matches no hosted domain (those are stored as A-labels)
+
+
+def parse_count(value: str) -> int:
+    """A non-negative decimal attribute (recipient_count, size); garbage or missing gives 0."""
+    # isascii(): int() would accept other scripts' digits; 18 digits: cheap, fits int64.
+    if value.isdigit() and value.isascii() and len(value) <= 18:
+        return int(value)
+    return 0

@@ -1,0 +1,142 @@
+"""Period-keyed counters: the policy hot path, resets, history, bounces and the guillotine.
+
+Every function here runs inside the writer's `BEGIN IMMEDIATE` transaction (Store.write), so a
+check made from the facts read here and the increment that follows are one atomic step: no other
+writer, in this process or another, can move a counter in between.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from policyd.policy import DomainFacts, Usage
+
+_FACTS = (
+    "SELECT d.id, d.name, d.partner_id, d.status, d.out_status, d.ses_status, p.ses_status, "
+    "CASE WHEN p.id IS NULL THEN d.out_daily_limit ELSE p.out_daily_limit END, "
+    "CASE WHEN p.id IS NULL THEN d.out_monthly_limit ELSE p.out_monthly_limit END, "
+    "d.transfer_limit_bytes, coalesce(p.out_enforcement, d.out_enforcement), "
+    "coalesce(cd.sent, 0), coalesce(cm.sent, 0), coalesce(cm.bytes, 0) "
+    "FROM domains d LEFT JOIN domains p ON p.id = d.parent_id "
+    "LEFT JOIN counters cd ON cd.domain_id = d.id AND cd.kind = 'day' AND cd.period = ? "
+    "LEFT JOIN counters cm ON cm.domain_id = d.id AND cm.kind = 'month' AND cm.period = ? "
+    "WHERE d.name = ?")
+
+
+def domain_facts(conn: sqlite3.Connection, name: str, day: str,
+                 month: str) -> tuple[int, DomainFacts, Usage] | None:
+    """(domain id, facts, current usage) of a hosted domain, or None when not hosted."""
+    r = conn.execute(_FACTS, (day, month, name)).fetchone()
+    if r is None:
+        return None
+    facts = DomainFacts(name=r[1], partner_id=r[2], status=r[3], out_status=r[4],
+                        ses_status=r[5], parent_ses_status=r[6], daily_limit=r[7],
+                        monthly_limit=r[8], transfer_limit_bytes=r[9], enforcement=r[10])
+    return r[0], facts, Usage(sent_today=r[11], sent_month=r[12], bytes_month=r[13])
+
+
+def domain_partner(conn: sqlite3.Connection, name: str) -> tuple[bool, int | None]:
+    """(hosted, partner id) of a domain name."""
+    row = conn.execute("SELECT partner_id FROM domains WHERE name = ?", (name,)).fetchone()
+    return (False, None) if row is None else (True, row[0])
+
+
+def add(conn: sqlite3.Connection, domain_id: int, day: str, month: str, sent: int,
+        nbytes: int) -> None:
+    """Add to the day and month counters of a domain in one statement."""
+    conn.execute(
+        "INSERT INTO counters (domain_id, kind, period, sent, bytes) VALUES "
+        "(?1, 'day', ?2, ?4, ?5), (?1, 'month', ?3, ?4, ?5) "
+        "ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
+        "sent = sent + excluded.sent, bytes = bytes + excluded.bytes",
+        (domain_id, day, month, sent, nbytes))
+
+
+def add_bytes(conn: sqlite3.Connection, name: str, day: str, month: str, nbytes: int) -> None:
+    """Count inbound bytes to a hosted domain's transfer (no message count)."""
+    row = conn.execute("SELECT id FROM domains WHERE name = ?", (name,)).fetchone()
+    if row is not None and nbytes > 0:
+        add(conn, row[0], day, month, 0, nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    sent_today: int
+    sent_month: int
+    bytes_month: int
+    bounces: int
+    complaints: int
+
+
+def totals(conn: sqlite3.Connection, domain_id: int, day: str, month: str) -> Totals:
+    """The running day's and month's counters of a domain."""
+    d = conn.execute("SELECT sent FROM counters WHERE domain_id = ? AND kind = 'day' AND "
+                     "period = ?", (domain_id, day)).fetchone()
+    m = conn.execute("SELECT sent, bytes, bounces, complaints FROM counters WHERE domain_id = ? "
+                     "AND kind = 'month' AND period = ?", (domain_id, month)).fetchone()
+    m = m or (0, 0, 0, 0)
+    return Totals(d[0] if d else 0, m[0], m[1], m[2], m[3])
+
+
+def zero_current(conn: sqlite3.Connection, domain_id: int, kind: str, period: str) -> None:
+    """Zero the running period of one domain (a manual reset)."""
+    conn.execute("UPDATE counters SET sent = 0, bytes = 0, bounces = 0, complaints = 0 "
+                 "WHERE domain_id = ? AND kind = ? AND period = ?", (domain_id, kind, period))
+
+
+def close_days(conn: sqlite3.Connection, today: str) -> int:
+    """Delete the rows of ended days (their sums live on in the month rows)."""
+    return conn.execute("DELETE FROM counters WHERE kind = 'day' AND period < ?",
+                        (today,)).rowcount
+
+
+def freeze_months(conn: sqlite3.Connection, this_month: str, now: str) -> int:
+    """Copy every ended month's totals into history, then drop those rows. Idempotent."""
+    frozen = conn.execute(
+        "INSERT INTO monthly_history (domain_id, period, sent, bytes, bounces, complaints, "
+        "frozen_at) SELECT domain_id, period, sent, bytes, bounces, complaints, ? "
+        "FROM counters WHERE kind = 'month' AND period < ? "
+        "ON CONFLICT (domain_id, period) DO UPDATE SET sent = excluded.sent, "
+        "bytes = excluded.bytes, bounces = excluded.bounces, complaints = excluded.complaints",
+        (now, this_month)).rowcount
+    conn.execute("DELETE FROM counters WHERE kind = 'month' AND period < ?", (this_month,))
+    return frozen
+
+
+def prune_history(conn: sqlite3.Connection, oldest_kept: str) -> int:
+    """Drop history rows older than the month oldest_kept ('YYYY-MM')."""
+    return conn.execute("DELETE FROM monthly_history WHERE period < ?", (oldest_kept,)).rowcount
+
+
+def history(conn: sqlite3.Connection, domain_id: int) -> list[dict[str, Any]]:
+    """Frozen months of a domain, newest first."""
+    rows = conn.execute("SELECT period, sent, bytes, bounces, complaints, frozen_at "
+                        "FROM monthly_history WHERE domain_id = ? ORDER BY period DESC",
+                        (domain_id,)).fetchall()
+    keys = ("period", "sent", "bytes", "bounces", "complaints", "frozen_at")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+def add_feedback(conn: sqlite3.Connection, domain_id: int, day: str, month: str,
+                 bounces: int, complaints: int) -> Totals:
+    """Count permanent bounces and complaints; returns the month's totals."""
+    conn.execute(
+        "INSERT INTO counters (domain_id, kind, period, bounces, complaints) VALUES "
+        "(?1, 'day', ?2, ?4, ?5), (?1, 'month', ?3, ?4, ?5) "
+        "ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
+        "bounces = bounces + excluded.bounces, complaints = complaints + excluded.complaints",
+        (domain_id, day, month, bounces, complaints))
+    return totals(conn, domain_id, day, month)
+
+
+def seen_message(conn: sqlite3.Connection, message_id: str, now: str) -> bool:
+    """Record an SNS MessageId; True when it was already seen (count it once)."""
+    cur = conn.execute("INSERT INTO sns_messages (message_id, received_at) VALUES (?, ?) "
+                       "ON CONFLICT DO NOTHING", (message_id, now))
+    return cur.rowcount == 0
+
+
+def prune_seen(conn: sqlite3.Connection, before: str) -> int:
+    """Forget SNS message ids older than before (SNS retries for hours, not weeks)."""
+    return conn.execute("DELETE FROM sns_messages WHERE received_at < ?", (before,)).rowcount

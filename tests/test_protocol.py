@@ -1,0 +1,283 @@
+"""The Postfix policy wire format: parsing lines and requests, replies, normalisation."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policyd.names import NameError_
+from policyd.names import normalize_domain as api_normalize_domain
+from policyd.protocol import (
+    MAX_ATTRS,
+    MAX_LINE,
+    MAX_REQUEST,
+    PolicyRequest,
+    ProtocolError,
+    RequestBuilder,
+    format_reply,
+    normalize_domain,
+    parse_line,
+    to_request,
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"request=smtpd_access_policy\n", ("request", "smtpd_access_policy")),
+        (b"ccert_subject=CN=mx,O=Example\n", ("ccert_subject", "CN=mx,O=Example")),
+        (b"a==\n", ("a", "=")),
+        (b"sender=\n", ("sender", "")),
+        (b"size=1000\r\n", ("size", "1000")),
+        (b"size=1000", ("size", "1000")),
+        (b"a=b\r\r\n", ("a", "b\r")),
+        (b"x_unknown=whatever\n", ("x_unknown", "whatever")),
+        (b"sender=j\xc3\xb6rg@b\xc3\xbccher.example\n", ("sender", "jörg@bücher.example")),
+        (b"\n", None),
+        (b"\r\n", None),
+        (b"", None),
+    ],
+    ids=["plain", "value-with-equals", "value-is-equals", "empty-value", "crlf", "no-newline",
+         "one-cr-stripped", "unknown-attr", "utf8", "end-lf", "end-crlf", "end-eof"],
+)
+def test_parse_line(line: bytes, expected: tuple[str, str] | None) -> None:
+    assert parse_line(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"garbage\n", "no '='"),
+        (b"garbage", "no '='"),
+        (b"=value\n", "empty attribute name"),
+        (b"sender=\xff\xfe\n", "not UTF-8"),
+        (b"sender=j\xf6rg@example.com\n", "not UTF-8"),  # Latin-1
+        (b"sender=\xc3\n", "not UTF-8"),  # truncated sequence
+        (b"a=" + b"x" * MAX_LINE + b"\n", "line over"),
+    ],
+    ids=["no-equals", "no-equals-eof", "empty-name", "invalid-bytes", "latin1", "truncated",
+         "oversize"],
+)
+def test_parse_line_rejects(line: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        parse_line(line)
+
+
+def test_parse_line_accepts_exactly_max_line() -> None:
+    line = b"a=" + b"x" * (MAX_LINE - 2)
+    assert parse_line(line + b"\r\n") == ("a", "x" * (MAX_LINE - 2))
+
+
+@given(st.binary(max_size=300))
+def test_parse_line_raises_only_protocol_error(data: bytes) -> None:
+    try:
+        result = parse_line(data)
+    except ProtocolError:
+        return
+    assert result is None or (result[0] and "=" not in result[0])
+
+
+_NAME = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="=\r\n"),
+                min_size=1, max_size=20)
+_VALUE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+                 max_size=40)
+
+
+@given(_NAME, _VALUE)
+def test_parse_line_round_trips(name: str, value: str) -> None:
+    assert parse_line(f"{name}={value}\n".encode()) == (name, value)
+
+
+def _feed(builder: RequestBuilder, data: bytes) -> list[dict[str, str]]:
+    """Feed raw bytes line by line, as the server's readline() loop does."""
+    done = []
+    for line in data.splitlines(keepends=True):
+        attrs = builder.add(line)
+        if attrs is not None:
+            done.append(attrs)
+    return done
+
+
+def test_builder_returns_each_request_on_the_empty_line() -> None:
+    builder = RequestBuilder()
+    data = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nx_future=1\nsize=1\nsize=2\n\n"
+            b"request=smtpd_access_policy\r\nsender=a@b.c\r\n\r\n"
+            b"protocol_state=DATA\n")
+    done = _feed(builder, data)
+    assert done == [
+        {"request": "smtpd_access_policy", "protocol_state": "RCPT", "x_future": "1",
+         "size": "2"},
+        {"request": "smtpd_access_policy", "sender": "a@b.c"},
+    ]
+    assert builder.pending
+
+
+def test_builder_pending_and_reset() -> None:
+    builder = RequestBuilder()
+    assert not builder.pending
+    builder.add(b"sender=a@b.c\n")
+    assert builder.pending
+    builder.reset()
+    assert not builder.pending
+    assert builder.add(b"\n") == {}
+
+
+def test_builder_attribute_cap() -> None:
+    builder = RequestBuilder()
+    for i in range(MAX_ATTRS):
+        assert builder.add(f"a{i}=v\n".encode()) is None
+    with pytest.raises(ProtocolError, match="attributes"):
+        builder.add(b"one_too_many=v\n")
+
+
+def test_builder_repeated_attributes_count_against_the_cap() -> None:
+    builder = RequestBuilder()
+    for _ in range(MAX_ATTRS):
+        builder.add(b"a=v\n")
+    with pytest.raises(ProtocolError, match="attributes"):
+        builder.add(b"a=v\n")
+
+
+def test_builder_size_cap() -> None:
+    builder = RequestBuilder()
+    line = b"a=" + b"x" * (MAX_LINE - 2) + b"\n"
+    full_lines = MAX_REQUEST // len(line)
+    for _ in range(full_lines):
+        builder.add(line)
+    with pytest.raises(ProtocolError, match="request over"):
+        builder.add(line)
+
+
+def test_builder_propagates_malformed_lines() -> None:
+    builder = RequestBuilder()
+    builder.add(b"request=smtpd_access_policy\n")
+    with pytest.raises(ProtocolError, match="no '='"):
+        builder.add(b"garbage\n")
+
+
+@given(st.lists(st.binary(max_size=80), max_size=20))
+def test_builder_raises_only_protocol_error(lines: list[bytes]) -> None:
+    builder = RequestBuilder()
+    try:
+        for line in lines:
+            attrs = builder.add(line)
+            assert attrs is None or isinstance(attrs, dict)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        ("DUNNO", b"action=DUNNO\n\n"),
+        ("REJECT 5.7.1 Sender domain example.com is not hosted here",
+         b"action=REJECT 5.7.1 Sender domain example.com is not hosted here\n\n"),
+        ("DEFER 4.7.1 a\r\nb", b"action=DEFER 4.7.1 a  b\n\n"),
+        ("WARN x\ny\rz", b"action=WARN x y z\n\n"),
+        ("HOLD D\xf6main", "action=HOLD D\xf6main\n\n".encode()),
+    ],
+    ids=["dunno", "reject", "crlf", "lf-and-cr", "utf8"],
+)
+def test_format_reply(action: str, expected: bytes) -> None:
+    reply = format_reply(action)
+    assert reply == expected
+    assert reply.count(b"\n") == 2
+
+
+@pytest.mark.parametrize("action", ["", "   ", "\r\n"])
+def test_format_reply_refuses_empty_action(action: str) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        format_reply(action)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "expected"),
+    [
+        ({"sender": "<>"}, {"sender": "", "sender_domain": ""}),
+        ({"sender": ""}, {"sender": "", "sender_domain": ""}),
+        ({}, {"sender": "", "request": "", "protocol_state": "", "recipient_count": 0}),
+        ({"sender": "User@Example.COM"}, {"sender": "user@example.com",
+                                          "sender_domain": "example.com"}),
+        ({"sender": "<a@example.com>"}, {"sender": "a@example.com",
+                                         "sender_domain": "example.com"}),
+        ({"sender": "a@Example.com."}, {"sender_domain": "example.com"}),
+        ({"sender": "a@bücher.example"}, {"sender_domain": "xn--bcher-kva.example"}),
+        ({"sender": "a@BÜCHER.Example."}, {"sender_domain": "xn--bcher-kva.example"}),
+        ({"sender": "a@bücher.example\u3002"}, {"sender_domain": "xn--bcher-kva.example"}),
+        ({"sender": "a@bücher\uff0eexample"}, {"sender_domain": "xn--bcher-kva.example"}),
+        ({"sender": "a@xn--bcher-kva.example"}, {"sender_domain": "xn--bcher-kva.example"}),
+        ({"sender": "a@" + "ü" * 70 + ".example"}, {"sender_domain": "ü" * 70 + ".example"}),
+        ({"sender": "a@ü..example"}, {"sender_domain": "ü..example"}),
+        ({"sender": "\"a@b\"@c.example"}, {"sender_domain": "c.example"}),
+        ({"sender": "postmaster"}, {"sender": "postmaster", "sender_domain": ""}),
+        ({"recipient": "B@Dest.ORG"}, {"recipient": "b@dest.org", "recipient_domain": "dest.org"}),
+        ({"recipient_count": "3", "size": "12345"}, {"recipient_count": 3, "size": 12345}),
+        ({"recipient_count": "abc"}, {"recipient_count": 0}),
+        ({"recipient_count": "-1"}, {"recipient_count": 0}),
+        ({"recipient_count": " 2"}, {"recipient_count": 0}),
+        ({"recipient_count": "\u0663"}, {"recipient_count": 0}),  # Arabic-Indic 3
+        ({"recipient_count": "9" * 5000}, {"recipient_count": 0}),
+        ({"size": "1.5"}, {"size": 0}),
+        ({"sasl_username": "Alice@Example.COM"}, {"sasl_username": "alice@example.com",
+                                                  "sasl_domain": "example.com"}),
+        ({"sasl_username": "Alice"}, {"sasl_username": "alice", "sasl_domain": ""}),
+        ({"protocol_state": "end-of-message"}, {"protocol_state": "END-OF-MESSAGE"}),
+        ({"request": "junk"}, {"request": "junk"}),
+        ({"client_address": "2001:db8::1", "instance": "a1.b2", "queue_id": "4Xyz"},
+         {"client_address": "2001:db8::1", "instance": "a1.b2", "queue_id": "4Xyz"}),
+        ({"x_unknown": "1", "sender": "a@b.example"}, {"sender_domain": "b.example"}),
+    ],
+    ids=["null-sender", "empty-sender", "nothing", "uppercase", "angle-brackets",
+         "trailing-dot", "idn", "idn-uppercase-dot", "idn-ideographic-trailing-dot",
+         "idn-fullwidth-dot", "a-label-kept", "idn-too-long-kept",
+         "idn-empty-label-kept", "last-at", "no-domain", "recipient", "counts",
+         "count-garbage", "count-negative", "count-space", "count-non-ascii-digit",
+         "count-huge", "size-float", "sasl", "sasl-no-domain", "state-upper", "other-request",
+         "passthrough", "unknown-ignored"],
+)
+def test_to_request(attrs: dict[str, str], expected: dict[str, object]) -> None:
+    req = to_request(attrs)
+    assert {name: getattr(req, name) for name in expected} == expected
+
+
+def test_to_request_full_postfix_request() -> None:
+    attrs = {
+        "request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+        "client_address": "192.0.2.7", "client_name": "mx.example.net", "helo_name": "mx",
+        "sender": "Bob@Example.com", "recipient": "carol@dest.org", "recipient_count": "0",
+        "queue_id": "", "instance": "123.456.7", "size": "2048", "sasl_method": "plain",
+        "sasl_username": "bob@example.com", "ccert_subject": "CN=a=b",
+    }
+    assert to_request(attrs) == PolicyRequest(
+        request="smtpd_access_policy", protocol_state="RCPT", sender="bob@example.com",
+        sender_domain="example.com", recipient="carol@dest.org", recipient_domain="dest.org",
+        recipient_count=0, size=2048, sasl_username="bob@example.com",
+        sasl_domain="example.com", client_address="192.0.2.7", instance="123.456.7",
+        queue_id="",
+    )
+
+
+@given(st.dictionaries(st.sampled_from(["sender", "recipient", "sasl_username", "size",
+                                        "recipient_count", "protocol_state", "request"]),
+                       st.text(max_size=80)))
+def test_to_request_never_raises(attrs: dict[str, str]) -> None:
+    req = to_request(attrs)
+    assert req.recipient_count >= 0 and req.size >= 0
+    assert not req.sender_domain.endswith(".")
+    assert "@" not in req.sender_domain
+
+
+@given(st.text(max_size=40))
+def test_normalize_domain_agrees_with_the_api(raw: str) -> None:
+    """Wherever the API accepts a name, the policy side normalises it to the same form."""
+    try:
+        stored = api_normalize_domain(raw)
+    except NameError_:
+        return
+    assert normalize_domain(raw) == stored
+
+
+@pytest.mark.parametrize("raw", ["Bücher.Example.", "EXAMPLE.com", "ex-ample.co.uk",
+                                 "straße.de", "例え.jp"])
+def test_normalize_domain_agrees_with_the_api_examples(raw: str) -> None:
+    assert normalize_domain(raw) == api_normalize_domain(raw)
