@@ -11,7 +11,7 @@ from policyd.names import NameError_
 from policyd.runtime import Runtime
 from policyd.store.scope import Scope
 
-SCOPE_KEY = "policyd.scope"  # request-level key: the caller's Scope, set by the auth middleware
+SCOPE_KEY: web.RequestKey[Scope] = web.RequestKey("scope", Scope)  # set by auth middleware
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 MASTER_TOKEN: web.AppKey[str] = web.AppKey("master_token", str)
 

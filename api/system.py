@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from api.common import require_master, runtime_of
+from api.common import SCOPE_KEY, require_master, runtime_of
 from policyd import feedback
 from policyd.metrics import CONTENT_TYPE
 from policyd.store import StoreError
@@ -40,7 +40,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    if request.get("policyd.scope") is not None:
+    if request.get(SCOPE_KEY) is not None:
         require_master(request)
     body = runtime_of(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -65,8 +65,7 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True):  # ty
         rt.notifier = Notifier(rt.store, lambda: rt.http, rt.metrics)
         server = None
         if policy:
-            server = await start_policy(rt)
-            app["policy_server"] = server
+            server = rt.policy_server = await start_policy(rt)
         sched = Scheduler(rt) if scheduler and rt.config.scheduler.enabled else None
         if sched:
             sched.start()

@@ -54,6 +54,7 @@ class Runtime:
     sns: Any = None        # policyd.sns.SnsVerifier
     notifier: Any = None   # policyd.notifications.Notifier
     http: Any = None       # aiohttp.ClientSession for outgoing calls
+    policy_server: Any = None  # policyd.policyserver.PolicyServer, once started
 
     def __post_init__(self) -> None:
         self.periods = Periods(self.config.outbound.timezone)
