@@ -9,7 +9,9 @@ WAL database, SASL logins reach the policy service, and a dead policy service de
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 
 from tests.postfix_harness import (
     CONF_POSTFIX,
+    MAP_FILES,
     PostfixError,
     PrivatePostfix,
     free_port,
@@ -26,6 +29,7 @@ from tests.postfix_harness import (
     postfix_workdir,
     render_map_file,
     require_postfix,
+    write_config_file,
 )
 
 SCHEMA = CONF_POSTFIX.parent.parent / "schema.sql"
@@ -290,3 +294,53 @@ def test_failed_start_raises_and_leaves_nothing_running() -> None:
         with pytest.raises(PostfixError, match="no-such-user-policyd"):
             instance.start()
         assert not instance.running
+
+
+# ---------------------------------------------------------------- conf/postfix/main.cf.snippet
+
+def read_main_cf_snippet() -> dict[str, str]:
+    """The snippet's parameters, continuation lines joined as Postfix does."""
+    settings: dict[str, str] = {}
+    text = (CONF_POSTFIX / "main.cf.snippet").read_text()
+    for logical in re.sub(r"\n[ \t]+", " ", text).splitlines():
+        if logical.strip() and not logical.startswith("#"):
+            name, _, value = logical.partition("=")
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def test_main_cf_snippet_has_no_unknown_parameters(tmp_path: Path) -> None:
+    require_postfix(swaks=False)
+    for name in MAP_FILES.values():  # postconf also checks the parameters of sqlite: maps
+        write_config_file(tmp_path / name, render_map_file(name, tmp_path / "db.sqlite3"))
+    snippet = (CONF_POSTFIX / "main.cf.snippet").read_text()
+    write_config_file(tmp_path / "main.cf", snippet.replace("/etc/postfix/sqlite/", f"{tmp_path}/"))
+    write_config_file(tmp_path / "master.cf", (CONF_POSTFIX / "master.cf.snippet").read_text())
+    done = subprocess.run(["postconf", "-c", str(tmp_path), "-n"], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "smtpd_policy_service_max_idle = 300s" in done.stdout
+
+
+def test_main_cf_snippet_asks_policyd_for_every_known_recipient(
+        policy: ThrowawayPolicy, postfix: PrivatePostfix) -> None:
+    snippet = read_main_cf_snippet()
+    extra = {name: value.replace("inet:127.0.0.1:10040", f"inet:127.0.0.1:{policy.port}")
+             .replace("/etc/postfix/sqlite/", f"{postfix.config_dir}/")
+             for name, value in snippet.items() if name.startswith(("smtpd_", "virtual_"))}
+    extra["virtual_transport"] = "discard:"  # the snippet's LMTP to Dovecot: not here
+    with postfix_workdir() as workdir, PrivatePostfix(
+            workdir, policy_port=policy.port, db_path=postfix.db_path,
+            extra_main=extra) as instance:
+        outbound = instance.swaks(from_="good@example.com", to="snippet-out@example.org")
+        unknown = instance.swaks(from_="in@remote.test", to="nobody@unknown-in.example",
+                                 local_interface=OUTSIDE)
+        inbound = instance.swaks(from_="snippet-in@remote.test", to="user@example.com",
+                                 local_interface=OUTSIDE)
+    assert outbound.accepted and inbound.accepted
+    assert unknown.final_code == 554 and not policy.seen("nobody@unknown-in.example")
+    states = [r["protocol_state"] for r in policy.requests
+              if r.get("recipient") == "snippet-out@example.org"]
+    assert states == ["RCPT", "END-OF-MESSAGE"]
+    assert [r["protocol_state"] for r in policy.seen("snippet-in@remote.test")] == [
+        "RCPT", "END-OF-MESSAGE"]

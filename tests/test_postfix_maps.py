@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.postfix_harness import CONF_POSTFIX, MAP_FILES, render_map_file
+from tests.postfix_harness import CONF_POSTFIX, MAP_FILES, render_map_file, write_config_file
 
 pytestmark = pytest.mark.postfix
 
@@ -66,9 +66,9 @@ def maps(tmp_path: Path, db: sqlite3.Connection) -> Path:
         pytest.skip("postmap is not installed")
     confdir = tmp_path / "etc"
     confdir.mkdir()
-    (confdir / "main.cf").write_text("compatibility_level = 3.6\n")
+    write_config_file(confdir / "main.cf", "compatibility_level = 3.6\n")
     for name in MAP_FILES.values():
-        (confdir / name).write_text(render_map_file(name, tmp_path / "policyd.sqlite3"))
+        write_config_file(confdir / name, render_map_file(name, tmp_path / "policyd.sqlite3"))
     return confdir
 
 

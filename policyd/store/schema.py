@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _COMMENT = re.compile(r"--[^\n]*")
 _SPACE = re.compile(r"\s+")
+_QUOTED_NAME = re.compile(r'^(CREATE \w+) "([^"]+)"')  # ALTER TABLE RENAME quotes the name
 
 
 def schema_sql() -> str:
@@ -26,7 +27,8 @@ def schema_sql() -> str:
 
 
 def _normal(sql: str | None) -> str:
-    return _SPACE.sub(" ", _COMMENT.sub("", sql or "")).strip()
+    text = _SPACE.sub(" ", _COMMENT.sub("", sql or "")).strip()
+    return _QUOTED_NAME.sub(r"\1 \2", text)
 
 
 def objects(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
