@@ -6,8 +6,7 @@ import logging
 import os
 import secrets
 import signal
-from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -57,7 +56,10 @@ def build_runtime(config: Config) -> Runtime:
     return rt
 
 
-def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True):  # type: ignore[no-untyped-def]
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True) -> CleanupCtx:
     """A cleanup_ctx pairing every start with its stop, in order."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await rt.store.open()
@@ -115,8 +117,3 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()
-
-
-def database_path(config: Config) -> Path:
-    """The database path (for messages)."""
-    return config.db_path
