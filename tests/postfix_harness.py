@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import subprocess
 import tempfile
 import threading
@@ -380,6 +381,10 @@ class PrivatePostfix:
 
         On any failure everything started so far is stopped again before the error propagates.
         """
+        if self.running:
+            raise PostfixError(f"already running: {self.config_dir}")
+        for path in (self.workdir, *([self.db_path.parent] if self.db_path else [])):
+            _require_traversable(path)
         try:
             if self.sasl is not None:
                 self.sasl.start()
@@ -656,6 +661,14 @@ def _run_with_tty_stderr(args: list[str], timeout: float) -> subprocess.Complete
     os.close(master)
     stderr = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
     return subprocess.CompletedProcess(args, done.returncode, done.stdout, stderr)
+
+
+def _require_traversable(path: Path) -> None:
+    """Fail fast unless the unprivileged `postfix` user can reach `path` (o+x on the way)."""
+    for directory in (path, *path.parents):
+        if directory.exists() and not directory.stat().st_mode & stat.S_IXOTH:
+            raise PostfixError(f"the postfix user cannot traverse {directory} (needed for "
+                               f"{path}); use postfix_workdir() instead of tmp_path")
 
 
 def _render_settings(settings: Mapping[str, str]) -> str:

@@ -92,7 +92,8 @@ class ThrowawayPolicy:
 
 
 def build_db(path: Path) -> sqlite3.Connection:
-    """A WAL database like policyd's: example.com with two mailboxes and a catch-all.
+    """A WAL database like policyd's: example.com with two mailboxes and a catch-all, and
+    strict.example without any address.
 
     The connection stays open (as policyd's does) so the -wal/-shm files exist and the
     postfix user can read the database without write access.
@@ -101,8 +102,9 @@ def build_db(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(SCHEMA.read_text())
     now = "2026-11-24T12:00:00Z"
-    conn.execute("INSERT INTO domains (id, name, out_tier, created_at, updated_at) "
-                 "VALUES (1, 'example.com', 'standard', ?, ?)", (now, now))
+    for domain_id, name in ((1, "example.com"), (2, "strict.example")):  # 2: no catch-all
+        conn.execute("INSERT INTO domains (id, name, out_tier, created_at, updated_at) "
+                     "VALUES (?, ?, 'standard', ?, ?)", (domain_id, name, now, now))
     for local in ("user", "other"):
         conn.execute("INSERT INTO mailboxes (domain_id, local_part, email, password_hash, "
                      "created_at, updated_at) VALUES (1, ?, ?, 'x', ?, ?)",
@@ -324,23 +326,36 @@ def test_main_cf_snippet_has_no_unknown_parameters(tmp_path: Path) -> None:
 
 def test_main_cf_snippet_asks_policyd_for_every_known_recipient(
         policy: ThrowawayPolicy, postfix: PrivatePostfix) -> None:
-    snippet = read_main_cf_snippet()
-    extra = {name: value.replace("inet:127.0.0.1:10040", f"inet:127.0.0.1:{policy.port}")
-             .replace("/etc/postfix/sqlite/", f"{postfix.config_dir}/")
-             for name, value in snippet.items() if name.startswith(("smtpd_", "virtual_"))}
-    extra["virtual_transport"] = "discard:"  # the snippet's LMTP to Dovecot: not here
-    with postfix_workdir() as workdir, PrivatePostfix(
-            workdir, policy_port=policy.port, db_path=postfix.db_path,
-            extra_main=extra) as instance:
-        outbound = instance.swaks(from_="good@example.com", to="snippet-out@example.org")
-        unknown = instance.swaks(from_="in@remote.test", to="nobody@unknown-in.example",
-                                 local_interface=OUTSIDE)
-        inbound = instance.swaks(from_="snippet-in@remote.test", to="user@example.com",
-                                 local_interface=OUTSIDE)
+    with postfix_workdir() as workdir:
+        config_dir = workdir / "etc"  # where PrivatePostfix writes the map files
+        extra = {name: value.replace("inet:127.0.0.1:10040", f"inet:127.0.0.1:{policy.port}")
+                 .replace("/etc/postfix/sqlite/", f"{config_dir}/")
+                 for name, value in read_main_cf_snippet().items()
+                 if name.startswith(("smtpd_", "virtual_"))}
+        extra["virtual_transport"] = "discard:"  # the snippet's LMTP to Dovecot: not here
+        with PrivatePostfix(workdir, policy_port=policy.port, db_path=postfix.db_path,
+                            extra_main=extra) as instance:
+            assert instance.config_dir == config_dir
+            outbound = instance.swaks(from_="good@example.com", to="snippet-out@example.org")
+            unlisted = instance.swaks(from_="unlisted@remote.test", to="nobody@strict.example",
+                                      local_interface=OUTSIDE)
+            inbound = instance.swaks(from_="snippet-in@remote.test", to="user@example.com",
+                                     local_interface=OUTSIDE)
     assert outbound.accepted and inbound.accepted
-    assert unknown.final_code == 554 and not policy.seen("nobody@unknown-in.example")
+    # reject_unlisted_recipient comes first: unknown users never reach (or cost) policyd
+    assert unlisted.final_code == 550 and "5.1.1" in unlisted.final_reply
+    assert policy.seen("unlisted@remote.test") == []
     states = [r["protocol_state"] for r in policy.requests
               if r.get("recipient") == "snippet-out@example.org"]
     assert states == ["RCPT", "END-OF-MESSAGE"]
     assert [r["protocol_state"] for r in policy.seen("snippet-in@remote.test")] == [
         "RCPT", "END-OF-MESSAGE"]
+
+
+def test_workdir_the_postfix_user_cannot_reach_is_refused_up_front(tmp_path: Path) -> None:
+    require_postfix()
+    tmp_path.chmod(0o700)  # like pytest's own base directory
+    instance = PrivatePostfix(tmp_path / "pf", policy_port=free_port())
+    with pytest.raises(PostfixError, match="cannot traverse"):
+        instance.start()
+    assert not instance.running and not (tmp_path / "pf" / "queue").exists()
