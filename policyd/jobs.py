@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from policyd import outbound, retention, sesflow
@@ -11,26 +11,25 @@ from policyd.runtime import Runtime
 from policyd.store import counters
 from policyd.store import domains as domain_store
 from policyd.store import notifications as outbox
-from policyd.timeutil import iso, utcnow
+from policyd.timeutil import add_months, iso, utcnow
 
 log = logging.getLogger(__name__)
 
 
-def _oldest_month(month: str, keep: int) -> str:
-    year, mon = int(month[:4]), int(month[5:7])
-    index = year * 12 + (mon - 1) - keep
-    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+async def reset(rt: Runtime, kind: str, now: datetime | None = None) -> dict[str, Any]:
+    """Close ended periods ('day' or 'month') as of now; never touches a running period.
 
-
-async def reset(rt: Runtime, kind: str) -> dict[str, Any]:
-    """Close ended periods ('day' or 'month'); never touches a running period. Idempotent."""
-    now = utcnow()
+    Idempotent: a doubled or missed timer run changes nothing the next run would not.
+    """
+    if kind not in ("day", "month"):
+        raise ValueError(f"reset kind must be 'day' or 'month', not {kind!r}")
+    now = utcnow() if now is None else now
     day, month = rt.periods.keys(now)
-    oldest = _oldest_month(month, rt.config.outbound.history_months)
+    oldest = add_months(month, -rt.config.outbound.history_months)
     result = await rt.store.write(outbound.close_periods, kind, day, month, oldest, iso(now))
-    log.info("reset-%s: %s", "daily" if kind == "day" else "monthly", result)
-    return {"kind": "daily" if kind == "day" else "monthly", "day": day, "month": month,
-            **result}
+    name = "daily" if kind == "day" else "monthly"
+    log.info("reset-%s (day %s, month %s): %s", name, day, month, result)
+    return {"kind": name, "day": day, "month": month, **result}
 
 
 async def housekeeping(rt: Runtime) -> None:

@@ -30,8 +30,14 @@ def parse_iso(text: str) -> datetime:
     return moment
 
 
+def add_months(month: str, delta: int) -> str:
+    """The month key ('YYYY-MM') delta months after month (delta may be negative)."""
+    index = int(month[:4]) * 12 + int(month[5:7]) - 1 + delta
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
 class Periods:
-    """Day and month period keys in one time zone (cached per zone)."""
+    """Day and month period keys in one time zone (ZoneInfo caches the zone data)."""
 
     __slots__ = ("zone",)
 
@@ -39,7 +45,8 @@ class Periods:
         self.zone = ZoneInfo(zone_name)
 
     def keys(self, moment: datetime) -> tuple[str, str]:
-        """Return ('YYYY-MM-DD', 'YYYY-MM') of moment in this zone."""
-        local = moment.astimezone(self.zone)
-        day = local.strftime("%Y-%m-%d")
+        """Return ('YYYY-MM-DD', 'YYYY-MM') of moment in this zone (naive moments are UTC)."""
+        if moment.tzinfo is None:  # astimezone() would read a naive time as host-local
+            moment = moment.replace(tzinfo=timezone.utc)
+        day = moment.astimezone(self.zone).strftime("%Y-%m-%d")
         return day, day[:7]
