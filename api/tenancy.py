@@ -3,23 +3,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 
 from api.common import (flag, json_body, only, opt_int, opt_str, page, paged, require_master,
                         runtime_of, scope_of)
-from policyd.errors import Invalid
+from policyd.errors import Forbidden, Invalid
 from policyd.store import changes as change_store
 from policyd.store import partners as store
 from policyd.store.partners import ApiKey
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, parse_iso
 
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 QUOTA_FIELDS = ("max_domains", "max_mailboxes_per_domain", "max_aliases_per_mailbox")
 
 
 def _partner_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """Validated partner columns from a body."""
     fields: dict[str, Any] = {}
     if "name" in body:
         name = opt_str(body, "name", max_len=200)
@@ -37,14 +43,21 @@ def _partner_fields(body: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only ('²'.isdigit() is true but int() refuses it), at most 18 of them."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _partner_id(request: web.Request) -> int:
+    """The {id} of the path as an integer, or Invalid."""
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not _decimal(raw):
         raise Invalid("partner id must be a positive integer")
     return int(raw)
 
 
 async def create_partner(request: web.Request) -> web.Response:
+    """POST /partners/ (master): the partner and its notify_secret, shown this once."""
     rt, scope = runtime_of(request), require_master(request)
     body = await json_body(request)
     only(body, ("name", *QUOTA_FIELDS, "notify_url"))
@@ -55,6 +68,7 @@ async def create_partner(request: web.Request) -> web.Response:
 
 
 async def list_partners(request: web.Request) -> web.Response:
+    """GET /partners/ (master), paginated."""
     rt, _ = runtime_of(request), require_master(request)
     limit, offset = page(request)
     rows = await rt.store.read(store.list_partners, limit + 1, offset)
@@ -62,12 +76,14 @@ async def list_partners(request: web.Request) -> web.Response:
 
 
 async def get_partner(request: web.Request) -> web.Response:
+    """GET /partners/{id} (master)."""
     rt, _ = runtime_of(request), require_master(request)
     partner = await rt.store.read(store.get_partner, _partner_id(request))
     return web.json_response(partner.public())
 
 
 async def update_partner(request: web.Request) -> web.Response:
+    """PUT /partners/{id} (master): partial update of name, quotas, notify_url."""
     rt, scope = runtime_of(request), require_master(request)
     body = await json_body(request)
     only(body, ("name", *QUOTA_FIELDS, "notify_url"))
@@ -77,6 +93,7 @@ async def update_partner(request: web.Request) -> web.Response:
 
 
 async def delete_partner(request: web.Request) -> web.Response:
+    """DELETE /partners/{id} (master): 409 while it owns domains unless ?force=true."""
     rt, scope = runtime_of(request), require_master(request)
     await rt.store.write(store.delete_partner, scope, _partner_id(request),
                          flag(request, "force"))
@@ -92,20 +109,25 @@ def render_key(key: ApiKey) -> dict[str, Any]:
 
 
 async def create_key(request: web.Request) -> web.Response:
+    """POST /api-keys/: a key of the caller's partner (the master names one); token once."""
     rt, scope = runtime_of(request), scope_of(request)
     body = await json_body(request)
     only(body, ("name", "expires_at", "partner_id"))
-    key, token = await rt.store.write(store.create_key, scope, opt_int(body, "partner_id", minimum=1),
-                                      opt_str(body, "name", max_len=200),
-                                      store.parse_expiry(body.get("expires_at")))
+    partner_id = opt_int(body, "partner_id", minimum=1)
+    if not scope.is_master and partner_id not in (None, scope.partner_id):
+        raise Forbidden("a client key can only create keys for its own partner")  # before 400s
+    name = opt_str(body, "name", max_len=200)
+    expires_at = store.parse_expiry(body.get("expires_at"))
+    key, token = await rt.store.write(store.create_key, scope, partner_id, name, expires_at)
     return web.json_response({**render_key(key), "token": token}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
+    """GET /api-keys/: the keys the caller may see (?partner_id= filters), paginated."""
     rt, scope = runtime_of(request), scope_of(request)
     limit, offset = page(request)
     partner = request.query.get("partner_id")
-    if partner is not None and not partner.isdigit():
+    if partner is not None and not _decimal(partner):
         raise Invalid("partner_id must be an integer")
     rows = await rt.store.read(store.list_keys, scope, int(partner) if partner else None,
                                limit + 1, offset)
@@ -113,12 +135,14 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def get_key(request: web.Request) -> web.Response:
+    """GET /api-keys/{token}: a key by id or token, never its secret."""
     rt = runtime_of(request)
     key = await rt.store.read(store.get_key, scope_of(request), request.match_info["token"])
     return web.json_response(render_key(key))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
+    """DELETE /api-keys/{token}: revoke a key (idempotent); it answers 401 from now on."""
     rt = runtime_of(request)
     key = await rt.store.write(store.revoke_key, scope_of(request), request.match_info["token"])
     return web.json_response(render_key(key))
@@ -136,54 +160,78 @@ def decode_cursor(text: str) -> int | None:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
     kind, _, number = raw.partition(":")
-    return int(number) if kind == "seq" and number.isdigit() else None
+    return int(number) if kind == "seq" and _decimal(number) else None
 
 
-async def _start_seq(request: web.Request) -> int:
+def _query_time(text: str, what: str) -> str:
+    """A query-string time as ISO UTC text (times before 1970 read as 1970), or Invalid."""
+    # An unencoded '+' in a query string arrives as a space: '...T12:00:00 01:00'.
+    repaired = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", text.strip())
+    try:
+        return iso(max(parse_iso(repaired), EPOCH))
+    except (ValueError, OverflowError):
+        raise Invalid(f"{what} must be an ISO-8601 time") from None
+
+
+def _since(request: web.Request) -> int | str:
+    """Where the feed resumes: a cursor's seq, an ISO time, or 0 from the beginning."""
     since = request.query.get("since") or request.query.get("cursor")
     if not since:
         return 0
     seq = decode_cursor(since)
-    if seq is not None:
-        return seq
-    try:
-        moment = parse_iso(since)
-    except ValueError:
-        raise Invalid("since must be an ISO-8601 time or a cursor") from None
-    return await runtime_of(request).store.read(change_store.seq_before, iso(moment))
+    return seq if seq is not None else _query_time(since, "since (or a cursor)")
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePage:
+    """What one usage call reads, from one snapshot."""
+
+    key: ApiKey
+    totals: dict[str, Any]
+    changes: list[change_store.Change]
+    start: int
+
+
+def _usage_page(conn: sqlite3.Connection, scope: Scope, ref: str, since: int | str,
+                limit: int) -> UsagePage:
+    """Key, totals and one page of changes, all from one read snapshot."""
+    key = store.get_key(conn, scope, ref)
+    start = since if isinstance(since, int) else change_store.seq_before(conn, since)
+    owner = Scope(actor=key.id, partner_id=key.partner_id)
+    changes = change_store.changes_since(conn, owner, start, limit)
+    return UsagePage(key, store.usage(conn, key.partner_id), changes, start)
 
 
 async def usage(request: web.Request) -> web.Response:
+    """GET /api-keys/{token}/usage?since=: use against quotas and a page of the change feed."""
     rt, scope = runtime_of(request), scope_of(request)
-    key = await rt.store.read(store.get_key, scope, request.match_info["token"])
     limit, _ = page(request, default=100, maximum=1000)
-    start = await _start_seq(request)
-    owner = Scope(actor=key.id, partner_id=key.partner_id)
-    changes = await rt.store.read(change_store.changes_since, owner, start, limit)
-    totals = await rt.store.read(store.usage, key.partner_id)
-    last = changes[-1].seq if changes else start
+    found = await rt.store.read(_usage_page, scope, request.match_info["token"],
+                                _since(request), limit)
+    last = found.changes[-1].seq if found.changes else found.start
     return web.json_response({
-        "key": render_key(key), "usage": totals,
-        "changes": [{"op": c.op, "kind": c.kind, "key": c.key, "at": c.at} for c in changes],
-        "cursor": encode_cursor(last), "more": len(changes) == limit,
+        "key": render_key(found.key), "usage": found.totals,
+        "changes": [{"op": c.op, "kind": c.kind, "key": c.key, "at": c.at}
+                    for c in found.changes],
+        "cursor": encode_cursor(last), "more": len(found.changes) == limit,
     })
 
 
+def _audit_bounds(request: web.Request) -> tuple[str | None, str | None]:
+    """(?since, ?until) as ISO text, or Invalid."""
+    since, until = (request.query.get(name) for name in ("since", "until"))
+    return (None if since is None else _query_time(since, "since"),
+            None if until is None else _query_time(until, "until"))
+
+
 async def audit(request: web.Request) -> web.Response:
+    """GET /audit (master): audit entries oldest first, ?target= / ?since= / ?until=."""
     rt, _ = runtime_of(request), require_master(request)
     limit, offset = page(request)
-    query = request.query
-    bounds = {}
-    for name in ("since", "until"):
-        if name in query:
-            try:
-                bounds[name] = iso(parse_iso(query[name]))
-            except ValueError:
-                raise Invalid(f"{name} must be an ISO-8601 time") from None
-    target = query.get("target") or query.get("domain")
-    rows = await rt.store.read(change_store.audit_entries, target=target,
-                               since=bounds.get("since"), until=bounds.get("until"),
-                               offset=offset, limit=limit + 1)
+    since, until = _audit_bounds(request)
+    target = request.query.get("target") or request.query.get("domain")
+    rows = await rt.store.read(change_store.audit_entries, target, since, until, offset,
+                               limit + 1)
     items = [{"id": e.id, "at": e.at, "actor": e.actor, "action": e.action, "target": e.target,
               "before": e.before, "after": e.after} for e in rows]
     return web.json_response(paged(items, limit, offset))

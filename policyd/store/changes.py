@@ -32,6 +32,8 @@ def audit(conn: sqlite3.Connection, scope: Scope, action: str, target: str | Non
 
 @dataclass(frozen=True, slots=True)
 class Change:
+    """One entry of the change feed; seq is its cursor."""
+
     seq: int
     op: str
     kind: str
@@ -57,6 +59,8 @@ def seq_before(conn: sqlite3.Connection, at: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
+    """One audit log entry, before/after decoded from JSON."""
+
     id: int
     at: str
     actor: str
@@ -66,7 +70,7 @@ class AuditEntry:
     after: Any
 
 
-def audit_entries(conn: sqlite3.Connection, *, target: str | None, since: str | None,
+def audit_entries(conn: sqlite3.Connection, target: str | None, since: str | None,
                   until: str | None, offset: int, limit: int) -> list[AuditEntry]:
     """Audit entries, oldest first, filtered by target and time."""
     sql = "SELECT id, at, actor, action, target, before, after FROM audit_log WHERE 1"

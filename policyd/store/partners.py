@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policyd.errors import Exists, Forbidden, Invalid, NotFound
-from policyd.store.changes import audit, record_change
+from policyd.store.changes import audit
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, parse_iso, utcnow
 
@@ -20,6 +20,8 @@ PARTNER_FIELDS = ("name", "max_domains", "max_mailboxes_per_domain", "max_aliase
 
 @dataclass(frozen=True, slots=True)
 class Partner:
+    """A reseller with its quotas (None = unlimited); the notify secret is never loaded."""
+
     id: int
     name: str
     max_domains: int | None
@@ -73,48 +75,46 @@ def create_partner(conn: sqlite3.Connection, scope: Scope,
 
 def update_partner(conn: sqlite3.Connection, scope: Scope, partner_id: int,
                    fields: dict[str, Any]) -> Partner:
-    """Partial update of a partner's name, quotas and notify_url."""
+    """Partial update of a partner's name, quotas and notify_url (audited when it changes)."""
     before = get_partner(conn, partner_id)
-    if fields:
-        sets = ", ".join(f"{f} = ?" for f in fields)
-        conn.execute(f"UPDATE partners SET {sets}, updated_at = ? WHERE id = ?",
-                     (*fields.values(), iso(utcnow()), partner_id))
-    after = get_partner(conn, partner_id)
+    changed = {f: v for f, v in fields.items() if getattr(before, f) != v}
+    if not changed:
+        return before
+    sets = ", ".join(f"{f} = ?" for f in changed)
+    conn.execute(f"UPDATE partners SET {sets}, updated_at = ? WHERE id = ?",
+                 (*changed.values(), iso(utcnow()), partner_id))
     audit(conn, scope, "partner.update", f"partner:{partner_id}",
-          {f: getattr(before, f) for f in fields}, {f: getattr(after, f) for f in fields})
-    return after
+          {f: getattr(before, f) for f in changed}, changed)
+    return get_partner(conn, partner_id)
 
 
 def delete_partner(conn: sqlite3.Connection, scope: Scope, partner_id: int, force: bool) -> None:
-    """Delete a partner; refused while it owns domains unless force (they go too)."""
+    """Delete a partner with its keys; refused while it owns domains unless force (they go too)."""
     partner = get_partner(conn, partner_id)
-    domains = [r for r in conn.execute("SELECT id, name FROM domains WHERE partner_id = ?",
-                                       (partner_id,))]
-    if domains and not force:
-        raise Exists(f"partner {partner_id} still owns {len(domains)} domains; "
+    owned = conn.execute("SELECT count(*) FROM domains WHERE partner_id = ?",
+                         (partner_id,)).fetchone()[0]
+    if owned and not force:
+        raise Exists(f"partner {partner_id} still owns {owned} domains; "
                      "delete them or pass ?force=true")
-    for domain_id, name in domains:
-        for (address,) in conn.execute("SELECT email FROM mailboxes WHERE domain_id = ?",
-                                       (domain_id,)).fetchall():
-            record_change(conn, partner_id, "deleted", "mailbox", address)
-        for (source,) in conn.execute("SELECT source FROM aliases WHERE domain_id = ?",
-                                      (domain_id,)).fetchall():
-            record_change(conn, partner_id, "deleted", "alias", source)
-        conn.execute("UPDATE domains SET parent_id = NULL WHERE parent_id = ?", (domain_id,))
-        conn.execute("DELETE FROM domains WHERE id = ?", (domain_id,))
-        record_change(conn, partner_id, "deleted", "domain", name)
+    conn.execute("DELETE FROM domains WHERE partner_id = ?", (partner_id,))
+    # Its change feed goes too: no key can read it any more, and SQLite may hand the same id
+    # to the next partner, which must never see these changes.
+    conn.execute("DELETE FROM changes WHERE partner_id = ?", (partner_id,))
     conn.execute("DELETE FROM partners WHERE id = ?", (partner_id,))
     audit(conn, scope, "partner.delete", f"partner:{partner_id}", partner.public(),
-          {"domains_deleted": len(domains)})
+          {"domains_deleted": owned})
 
 
 # --- API keys ------------------------------------------------------------------------------
-_KEY = ("SELECT id, partner_id, name, expires_at, revoked_at, created_at, last_used_at, "
-        "request_count FROM api_keys")
+_KEY_COLUMNS = ("id, partner_id, name, expires_at, revoked_at, created_at, last_used_at, "
+                "request_count")
+_KEY = f"SELECT {_KEY_COLUMNS} FROM api_keys"
 
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
+    """A client key as shown (the token itself is never stored)."""
+
     id: str
     partner_id: int
     name: str | None
@@ -136,7 +136,7 @@ def hash_token(token: str) -> str:
 
 def key_by_token_hash(conn: sqlite3.Connection, token_hash: str) -> tuple[ApiKey, str] | None:
     """The key whose token hashes to token_hash, with the stored hash for a constant-time check."""
-    row = conn.execute(f"{_KEY.replace('FROM', ', token_hash FROM')} WHERE token_hash = ?",
+    row = conn.execute(f"SELECT {_KEY_COLUMNS}, token_hash FROM api_keys WHERE token_hash = ?",
                        (token_hash,)).fetchone()
     return (ApiKey(*row[:8]), row[8]) if row else None
 
@@ -232,10 +232,14 @@ def usage(conn: sqlite3.Connection, partner_id: int) -> dict[str, Any]:
 
 
 def parse_expiry(value: object) -> str | None:
-    """Validate an ISO-8601 expiry and return it normalised to UTC text."""
+    """Validate an ISO-8601 expiry in the future and return it normalised to UTC text."""
     if value is None:
         return None
     try:
-        return iso(parse_iso(value))  # type: ignore[arg-type]
-    except ValueError:
+        moment = parse_iso(value)  # type: ignore[arg-type]
+        text = iso(moment)
+    except (ValueError, OverflowError):
         raise Invalid("expires_at must be an ISO-8601 time") from None
+    if moment <= utcnow():
+        raise Invalid("expires_at must be in the future")
+    return text
