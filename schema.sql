@@ -3,7 +3,9 @@
 -- Times are ISO-8601 UTC text ('2026-11-24T12:00:00Z'); booleans are 0/1 integers.
 
 CREATE TABLE IF NOT EXISTS partners (
-    id                       INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: a deleted partner's id is never handed to a new one (audit targets,
+    -- change feed and logs keep meaning one partner)
+    id                       INTEGER PRIMARY KEY AUTOINCREMENT,
     name                     TEXT NOT NULL,
     max_domains              INTEGER CHECK (max_domains >= 0),
     max_mailboxes_per_domain INTEGER CHECK (max_mailboxes_per_domain >= 0),

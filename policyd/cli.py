@@ -77,7 +77,7 @@ async def _partner_create(rt: Runtime, args: argparse.Namespace) -> dict[str, An
 
 
 async def _key_create(rt: Runtime, args: argparse.Namespace) -> dict[str, Any]:
-    key, token = await rt.store.write(partner_store.create_key, Scope(actor="master"),
+    key, token = await rt.store.write(partner_store.create_key, CLI,
                                       args.partner, args.name,
                                       partner_store.parse_expiry(args.expires))
     return {"id": key.id, "token": token, "partner_id": key.partner_id,

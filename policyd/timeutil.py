@@ -12,7 +12,9 @@ def utcnow() -> datetime:
 
 def iso(moment: datetime) -> str:
     """Format as ISO-8601 UTC with a Z suffix and second precision."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    utc = moment.astimezone(timezone.utc)
+    # %Y does not zero-pad years below 1000, which would break comparing ISO text
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}Z"
 
 
 def iso_precise(moment: datetime) -> str:
