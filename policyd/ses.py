@@ -11,7 +11,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ Sleep = Callable[[float], Awaitable[object]]
 
 class SesError(Exception):
     """An SES call failed (not retryable, or still throttled after every attempt)."""
+
+
+class SesUnavailable(SesError):
+    """SES could not be reached or kept throttling: every other call would fail the same way."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,9 @@ class SesClient:
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "Unknown")
                 if code not in THROTTLING_CODES:
-                    raise SesError(f"SES {operation} failed: {code}") from exc
+                    raise _client_error(operation, code, exc) from exc
                 if attempt == self._max_attempts:
-                    raise SesError(
+                    raise SesUnavailable(
                         f"SES {operation} still throttled after {attempt} attempts"
                     ) from exc
                 delay = self._backoff(attempt)
@@ -133,8 +137,10 @@ class SesClient:
                     "ses: %s throttled (%s), retry %d in %.2fs", operation, code, attempt, delay
                 )
                 await self._sleep(delay)
-            except BotoCoreError as exc:
-                raise SesError(f"SES {operation} failed: {type(exc).__name__}") from exc
+            except ParamValidationError as exc:  # this request's fault, not SES's
+                raise SesError(f"SES {operation} refused its parameters") from exc
+            except BotoCoreError as exc:  # connection, timeout, credentials: all calls fail
+                raise SesUnavailable(f"SES {operation} failed: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _backoff(self, attempt: int) -> float:
@@ -143,6 +149,7 @@ class SesClient:
         return delay * (1 + 0.25 * random.random())
 
     def _invoke(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Call one boto3 operation (runs in a worker thread)."""
         return getattr(self._get_client(), operation)(**params)
 
     def _get_client(self) -> Any:
@@ -156,6 +163,13 @@ class SesClient:
                     config=_BOTO_CONFIG,
                 )
             return self._client
+
+
+def _client_error(operation: str, code: str, exc: ClientError) -> SesError:
+    """SesUnavailable for an SES-side (5xx) failure, SesError for a refusal of this call."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    kind = SesUnavailable if status >= 500 else SesError
+    return kind(f"SES {operation} failed: {code}")
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:

@@ -5,13 +5,13 @@ import logging
 import sqlite3
 
 from policyd.runtime import Runtime
-from policyd.ses import SesError, SesStatus
+from policyd.ses import SesError, SesIdentity, SesStatus, SesUnavailable
 from policyd.store import domains as domain_store
 from policyd.store import notifications as outbox
 from policyd.store.domains import Domain
 
 log = logging.getLogger(__name__)
-POLL_BATCH = 1000
+POLL_BATCH = 1000  # domains per poller round; the least recently checked go first
 
 
 def _store_status(conn: sqlite3.Connection, name: str, status: SesStatus) -> Domain | None:
@@ -23,42 +23,84 @@ def _store_status(conn: sqlite3.Connection, name: str, status: SesStatus) -> Dom
         return domain_store.find_domain(conn, name)
     before, after = change
     if after.ses_status == "success" and before.ses_status != "success":
-        log.info("SES verification of %s succeeded", name)
-        outbox.enqueue(conn, after.partner_id, "ses_verified", domain=name)
+        queued = outbox.enqueue(conn, after.partner_id, "ses_verified", domain=name)
+        log.info("SES verification of %s succeeded (partner notification %s)", name,
+                 "queued" if queued else "not configured")
     elif after.ses_status != before.ses_status:
         log.info("SES status of %s: %s -> %s", name, before.ses_status, after.ses_status)
     return after
 
 
+def _store_statuses(conn: sqlite3.Connection,
+                    statuses: dict[str, SesStatus]) -> dict[str, Domain]:
+    """Store several statuses in one transaction; returns the domains still hosted."""
+    stored = {name: _store_status(conn, name, status) for name, status in statuses.items()}
+    return {name: domain for name, domain in stored.items() if domain is not None}
+
+
+def _store_started(conn: sqlite3.Connection, name: str, identity: SesIdentity) -> Domain | None:
+    """Store the tokens of a started verification; a verified domain stays verified."""
+    domain = domain_store.find_domain(conn, name)
+    if domain is None:
+        return None
+    # Re-verifying a verified identity keeps it verified at SES; marking it pending here would
+    # REJECT its outbound mail until the next poll.
+    verified = domain.ses_status == "success"
+    status = SesStatus(status="success" if verified else "pending",
+                       dkim_status=domain.ses_dkim_status if verified else "pending",
+                       verification_token=identity.verification_token,
+                       dkim_tokens=identity.dkim_tokens)
+    return _store_status(conn, name, status)
+
+
+async def _start(rt: Runtime, name: str) -> None:
+    """Ask SES to verify a domain (identity + DKIM) and store the tokens; raises SesError."""
+    identity = await rt.ses.verify_domain(name)
+    await rt.store.write(_store_started, name, identity)
+    log.info("SES verification of %s started", name)
+
+
 async def start_verification(rt: Runtime, name: str) -> bool:
-    """Ask SES to verify a domain (identity + DKIM) and store the tokens; False on failure."""
+    """Start SES verification of a domain; False (logged) when SES failed: the poller retries."""
     try:
-        identity = await rt.ses.verify_domain(name)
+        await _start(rt, name)
     except SesError as exc:
         log.warning("SES verification of %s could not start (the poller retries): %s",
                     name, exc)
         return False
-    status = SesStatus(status="pending", dkim_status="Pending",
-                       verification_token=identity.verification_token,
-                       dkim_tokens=identity.dkim_tokens)
-    await rt.store.write(_store_status, name, status)
-    log.info("SES verification of %s started", name)
     return True
+
+
+def _wake_notifier(rt: Runtime) -> None:
+    """Let the notifier deliver what the last transaction queued (it runs on its own)."""
+    if rt.notifier is not None:
+        rt.notifier.wake()
 
 
 async def refresh(rt: Runtime, names: list[str]) -> dict[str, Domain]:
     """Read SES status for names (batched by the client), store changes, return the domains."""
     statuses = await rt.ses.statuses(names)
-    out: dict[str, Domain] = {}
-    for name, status in statuses.items():
-        if status.status == "not_started":
-            continue  # SES does not know it (yet): keep what we have, the poller starts it
-        domain = await rt.store.write(_store_status, name, status)
-        if domain is not None:
-            out[name] = domain
-    if rt.notifier is not None:
-        rt.notifier.wake()
-    return out
+    # An identity SES does not know keeps what we have: the poller starts it.
+    known = {name: s for name, s in statuses.items() if s.status != "not_started"}
+    stored = await rt.store.write(_store_statuses, known) if known else {}
+    _wake_notifier(rt)
+    return stored
+
+
+async def _start_unknown(rt: Runtime, names: list[str]) -> int:
+    """Start verification of identities SES does not know; stops when SES is unreachable."""
+    started = 0
+    for name in names:
+        try:
+            await _start(rt, name)
+        except SesUnavailable as exc:
+            log.warning("SES poll: starting verifications stopped (next round retries): %s", exc)
+            break
+        except SesError as exc:  # this identity only (e.g. refused): the others go on
+            log.warning("SES verification of %s could not start: %s", name, exc)
+            continue
+        started += 1
+    return started
 
 
 async def poll(rt: Runtime) -> dict[str, int]:
@@ -67,16 +109,16 @@ async def poll(rt: Runtime) -> dict[str, int]:
     log.info("SES poll: %d domains pending", len(names))
     if not names:
         return {"checked": 0, "started": 0, "verified": 0}
-    domains = {d.name: d for d in await rt.store.read(domain_store.domains_by_names, names)}
-    started = 0
-    for name in names:
-        if domains[name].ses_token is None and await start_verification(rt, name):
-            started += 1
     try:
-        refreshed = await refresh(rt, names)
+        statuses = await rt.ses.statuses(names)
     except SesError as exc:
         log.warning("SES poll failed (next round retries): %s", exc)
-        return {"checked": 0, "started": started, "verified": 0}
-    verified = sum(1 for d in refreshed.values() if d.ses_status == "success")
+        return {"checked": 0, "started": 0, "verified": 0}
+    unknown = [name for name, status in statuses.items() if status.status == "not_started"]
+    known = {name: s for name, s in statuses.items() if s.status != "not_started"}
+    stored = await rt.store.write(_store_statuses, known) if known else {}
+    started = await _start_unknown(rt, unknown)
+    _wake_notifier(rt)
+    verified = sum(1 for domain in stored.values() if domain.ses_status == "success")
     log.info("SES poll done: %d checked, %d started, %d verified", len(names), started, verified)
     return {"checked": len(names), "started": started, "verified": verified}
