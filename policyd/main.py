@@ -59,8 +59,13 @@ def build_runtime(config: Config) -> Runtime:
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 
-def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True) -> CleanupCtx:
-    """A cleanup_ctx pairing every start with its stop, in order."""
+def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
+             notifier: bool = True) -> CleanupCtx:
+    """A cleanup_ctx pairing every start with its stop, in order.
+
+    The notifier runs whether or not the scheduler does: with systemd timers doing the
+    periodic jobs, notifications queued by them (or by the API) are still delivered here.
+    """
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await rt.store.open()
         rt.http = aiohttp.ClientSession()
@@ -71,6 +76,8 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True) -> Cle
         sched = Scheduler(rt) if scheduler and rt.config.scheduler.enabled else None
         if sched:
             sched.start()
+        sender = (asyncio.create_task(rt.notifier.run(rt.config.scheduler.notify_interval),
+                                      name="notifier") if notifier else None)
         try:
             yield
         finally:
@@ -78,6 +85,9 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True) -> Cle
                 await server.stop()
             if sched:
                 await sched.stop()
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
             await rt.tasks.drain(timeout=5)
             await rt.sns.close()
             await rt.http.close()

@@ -1,4 +1,4 @@
-"""The in-process scheduler: SES polling, period closing, retention purge, notifications.
+"""The in-process scheduler: SES polling, period closing, retention purge, housekeeping.
 
 Each job is idempotent and also runs from the CLI (systemd timers), so a missed or doubled
 run is harmless. Jobs never overlap themselves; a failing round is logged and retried later.
@@ -34,9 +34,6 @@ class Scheduler:
         ]
         for name, interval, job in plan:
             self._tasks.append(asyncio.create_task(self._every(name, interval, job), name=name))
-        if rt.notifier is not None:
-            self._tasks.append(asyncio.create_task(
-                rt.notifier.run(cfg.scheduler.notify_interval), name="notifier"))
 
     async def _every(self, name: str, interval: float,
                      job: Callable[[], Awaitable[object]]) -> None:

@@ -161,7 +161,7 @@ async def start_daemon(config: Config, *, ses: Any = "default") -> Daemon:
     rt = build_runtime(config)
     if ses != "default":
         rt.ses = ses
-    app = create_app(rt, config.auth.master_token, services(rt, scheduler=False))
+    app = create_app(rt, config.auth.master_token, services(rt, scheduler=False, notifier=False))
     client = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
     return Daemon(rt, client, app)

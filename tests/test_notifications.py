@@ -13,7 +13,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from api.app import create_app
+from policyd.main import build_runtime, services
 from policyd.notifications import Notifier
 from policyd.store import notifications as outbox
 from policyd.timeutil import parse_iso, utcnow
@@ -140,3 +143,23 @@ async def test_partner_without_notify_url_queues_nothing(daemon: Daemon) -> None
     partner = await daemon.partner("quiet")
     await verified_event(daemon, partner, "quiet.example")
     assert await daemon.rt.store.read(outbox.entries) == []
+
+
+async def test_the_daemon_delivers_without_the_scheduler(make_config: Any,
+                                                         receiver: HookReceiver) -> None:
+    """With systemd timers doing the jobs ([scheduler] enabled = false), a notification queued
+    by one of them is still delivered by the running daemon."""
+    config = make_config(scheduler={"enabled": "false", "notify_interval": "0.1"})
+    rt = build_runtime(config)
+    app = create_app(rt, config.auth.master_token, services(rt))
+    client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        daemon = Daemon(rt, client, app)
+        partner = await partner_with_hook(daemon, receiver)
+        await daemon.domain("timer.example", partner_id=partner["id"], verified=False)
+        await daemon.verify("timer.example")  # queued, and nobody wakes the notifier
+        assert await receiver.wait_for(1) == [{"event": "ses_verified",
+                                               "domain": "timer.example"}]
+    finally:
+        await client.close()
