@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
+import sqlite3
 from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -19,6 +21,7 @@ from policyd.timeutil import iso, utcnow
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PREFIXES = ("/health", "/webhooks/ses", "/portal")
+SECRET_PARAMS = frozenset({"token"})  # /api-keys/{token}: a key id, or the token itself
 
 
 def routes() -> list[web.AbstractRouteDef]:
@@ -40,14 +43,37 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid")
-        return error_response(exc.status, code, exc.reason)
-    except StoreError as exc:
-        log.error("database unavailable for %s %s: %s", request.method, request.path, exc)
+        return _http_error(exc)
+    except (StoreError, sqlite3.OperationalError) as exc:  # closed, locked, disk, I/O
+        log.error("database unavailable for %s %s: %s", request.method, loggable_path(request),
+                  exc)
         return error_response(503, "unavailable", "database unavailable, try again")
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s", request.method, loggable_path(request))
         return error_response(500, "internal", "internal error")
+
+
+def loggable_path(request: web.Request) -> str:
+    """The path for a log line, secret parameters left as their {placeholder} (SPEC §3)."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "(no route)"
+    info = request.match_info
+    return re.sub(r"\{(\w+)\}",
+                  lambda m: m[0] if m[1] in SECRET_PARAMS else info.get(m[1], m[0]),
+                  resource.canonical)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (no route, wrong method, ...) in the one JSON shape."""
+    code = {401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 409: "exists"}.get(exc.status, "invalid")
+    if exc.status >= 500:
+        code = "unavailable" if exc.status == 503 else "internal"
+    response = error_response(exc.status, code, exc.reason)
+    if "Allow" in exc.headers:  # RFC 9110 §15.5.6: a 405 lists the allowed methods
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
 
 
 def _token(request: web.Request) -> str | None:

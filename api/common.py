@@ -39,15 +39,20 @@ def require_master(request: web.Request) -> Scope:
     return scope
 
 
+def _no_constant(name: str) -> Any:
+    """Refuse NaN and Infinity, which Python's json accepts but JSON (RFC 8259) has not."""
+    raise ValueError(f"{name} is not JSON")
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body, or Invalid."""
     raw = await request.read()
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("body is not valid JSON") from None
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
+        raise Invalid("body is not valid JSON (UTF-8)") from None
     if not isinstance(body, dict):
         raise Invalid("body must be a JSON object")
     return body
@@ -57,7 +62,8 @@ def only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
     """Reject unknown fields, so a typo is an error and not silently ignored."""
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise Invalid(f"unknown field(s): {', '.join(unknown)}")
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise Invalid(f"unknown field(s): {shown}; allowed: {', '.join(allowed)}")
 
 
 def opt_int(body: dict[str, Any], field: str, *, minimum: int = 0,
@@ -80,9 +86,20 @@ def opt_str(body: dict[str, Any], field: str, *, max_len: int = 255) -> str | No
         return None
     if not isinstance(value, str):
         raise Invalid(f"{field} must be a string or null")
-    if len(value) > max_len or "\x00" in value:
+    if len(value) > max_len:
         raise Invalid(f"{field} must be at most {max_len} characters")
+    if not is_clean_text(value):
+        raise Invalid(f"{field} must be valid UTF-8 text without NUL")
     return value
+
+
+def is_clean_text(value: str) -> bool:
+    """True if value has no NUL and encodes to UTF-8 (JSON may carry lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
 
 
 def opt_bool(body: dict[str, Any], field: str) -> bool | None:
@@ -103,15 +120,22 @@ def flag(request: web.Request, name: str) -> bool:
     return value in ("true", "1", "yes")
 
 
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    """A decimal query parameter (ASCII digits only, at most 18 of them: fits SQLite)."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise Invalid(f"?{name} must be a non-negative integer")
+    return int(text)
+
+
 def page(request: web.Request, *, default: int = 100, maximum: int = 1000) -> tuple[int, int]:
     """(limit, offset) from ?limit=&offset=."""
-    try:
-        limit = int(request.query.get("limit", default))
-        offset = int(request.query.get("offset", 0))
-    except ValueError:
-        raise Invalid("limit and offset must be integers") from None
-    if not 1 <= limit <= maximum or offset < 0:
-        raise Invalid(f"limit must be 1..{maximum} and offset >= 0")
+    limit = _query_int(request, "limit", default)
+    offset = _query_int(request, "offset", 0)
+    if not 1 <= limit <= maximum:
+        raise Invalid(f"?limit must be 1..{maximum}")
     return limit, offset
 
 
@@ -130,4 +154,5 @@ def normalised(fn: Any, value: Any) -> Any:
 
 
 __all__ = ["PolicydError", "error_response", "scope_of", "require_master", "json_body", "only",
-           "opt_int", "opt_str", "opt_bool", "flag", "page", "paged", "normalised"]
+           "opt_int", "opt_str", "opt_bool", "is_clean_text", "flag", "page", "paged",
+           "normalised"]

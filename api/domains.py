@@ -47,11 +47,13 @@ def render(d: Domain, totals: counters.Totals, region: str) -> dict[str, Any]:
 
 def _with_totals(conn: sqlite3.Connection, domains: list[Domain], day: str,
                  month: str) -> list[tuple[Domain, counters.Totals]]:
+    """Each domain with its counter totals for the running day and month."""
     return [(d, counters.totals(conn, d.id, day, month)) for d in domains]
 
 
 def _one(conn: sqlite3.Connection, scope: Scope, name: str, day: str,
          month: str) -> tuple[Domain, counters.Totals]:
+    """One domain as scope sees it, with its totals."""
     return _with_totals(conn, [store.get_domain(conn, scope, name)], day, month)[0]
 
 
@@ -68,6 +70,7 @@ def domain_name(request: web.Request) -> str:
 
 
 async def create(request: web.Request) -> web.Response:
+    """POST /domains/: create a domain (the master may name its partner)."""
     rt, scope = runtime_of(request), scope_of(request)
     body = await json_body(request)
     only(body, ("name", "partner_id"))
@@ -88,6 +91,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def list_(request: web.Request) -> web.Response:
+    """GET /domains/: the domains the caller may see, paginated."""
     rt, scope = runtime_of(request), scope_of(request)
     limit, offset = page(request)
     day, month = rt.periods.keys(utcnow())
@@ -100,11 +104,13 @@ async def list_(request: web.Request) -> web.Response:
 
 
 async def get(request: web.Request) -> web.Response:
+    """GET /domains/{name}."""
     rt = runtime_of(request)
     return web.json_response(await show(rt, scope_of(request), domain_name(request)))
 
 
 async def delete(request: web.Request) -> web.Response:
+    """DELETE /domains/{name}: refused while mailboxes exist unless ?force=true."""
     rt, scope = runtime_of(request), scope_of(request)
     name = domain_name(request)
     await rt.store.write(store.delete_domain, scope, name, flag(request, "force"))
@@ -113,14 +119,17 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def suspend(request: web.Request) -> web.Response:
+    """PUT /domains/{name}/suspend: freeze mail, delete nothing."""
     return await _set_suspended(request, True)
 
 
 async def activate(request: web.Request) -> web.Response:
+    """PUT /domains/{name}/activate: lift a suspension (a master one only by the master)."""
     return await _set_suspended(request, False)
 
 
 async def _set_suspended(request: web.Request, value: bool) -> web.Response:
+    """Suspend (value True) or activate the domain of the path."""
     rt, scope = runtime_of(request), scope_of(request)
     name = domain_name(request)
     await rt.store.write(store.set_suspended, scope, name, value)
@@ -129,15 +138,18 @@ async def _set_suspended(request: web.Request, value: bool) -> web.Response:
 
 
 async def set_parent(request: web.Request) -> web.Response:
+    """PUT /domains/{name}/parent (master): link to a parent, set the wildcard flag."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
     body = await json_body(request)
     only(body, ("parent", "wildcard"))
     if "parent" not in body and "wildcard" not in body:
         raise Invalid("give parent and/or wildcard")
+    wildcard = opt_bool(body, "wildcard")
+    if "wildcard" in body and wildcard is None:
+        raise Invalid("wildcard must be true or false")
     parent = body.get("parent")
     parent = None if parent is None else normalised(normalize_domain, parent)
-    wildcard = opt_bool(body, "wildcard")
     if "parent" in body:
         await rt.store.write(store.set_parent, scope, name, parent, wildcard)
     else:
@@ -147,6 +159,7 @@ async def set_parent(request: web.Request) -> web.Response:
 
 
 async def dns_check(request: web.Request) -> web.Response:
+    """GET /domains/{name}/dns-check: the records as DNS serves them now; never a 500."""
     rt, scope = runtime_of(request), scope_of(request)
     domain = await rt.store.read(store.get_domain, scope, domain_name(request))
     dns = rt.config.dns
@@ -160,6 +173,7 @@ async def dns_check(request: web.Request) -> web.Response:
 
 
 async def ses_verify(request: web.Request) -> web.Response:
+    """POST /domains/{name}/ses-verify (master): start SES verification."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
     await rt.store.read(store.get_domain, scope, name)
@@ -170,6 +184,7 @@ async def ses_verify(request: web.Request) -> web.Response:
 
 
 async def ses_status(request: web.Request) -> web.Response:
+    """GET /domains/{name}/ses-status: read (and store) SES state."""
     rt, scope = runtime_of(request), scope_of(request)
     name = domain_name(request)
     await rt.store.read(store.get_domain, scope, name)
@@ -183,11 +198,13 @@ async def ses_status(request: web.Request) -> web.Response:
 
 
 async def get_retention(request: web.Request) -> web.Response:
+    """GET /domains/{name}/retention."""
     view = await show(runtime_of(request), scope_of(request), domain_name(request))
     return web.json_response({"domain": view["name"], "retention_days": view["retention_days"]})
 
 
 async def put_retention(request: web.Request) -> web.Response:
+    """PUT /domains/{name}/retention (master)."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
     body = await json_body(request)
@@ -201,11 +218,13 @@ async def put_retention(request: web.Request) -> web.Response:
 
 
 async def get_transfer(request: web.Request) -> web.Response:
+    """GET /domains/{name}/transfer: monthly limit and use in bytes."""
     view = await show(runtime_of(request), scope_of(request), domain_name(request))
     return web.json_response({"domain": view["name"], **view["transfer"]})
 
 
 async def put_transfer(request: web.Request) -> web.Response:
+    """PUT /domains/{name}/transfer (master)."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
     body = await json_body(request)

@@ -32,16 +32,19 @@ def render_alias(a: Alias) -> dict[str, Any]:
 
 
 def _email(value: object) -> str:
+    """A normalised mailbox address, or Invalid."""
     local, domain = normalised(normalize_email, value)
     return f"{local}@{domain}"
 
 
 def _domain_filter(request: web.Request) -> str | None:
+    """The normalised ?domain= filter, if given."""
     value = request.query.get("domain")
     return None if value is None else normalised(normalize_domain, value)
 
 
 async def _user_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """Validated mailbox columns from a body (hashing a given password)."""
     fields: dict[str, Any] = {}
     if "name" in body:
         fields["name"] = opt_str(body, "name")
@@ -57,6 +60,7 @@ async def _user_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def create_user(request: web.Request) -> web.Response:
+    """POST /users/: create a mailbox; the password is hashed with bcrypt off the loop."""
     rt, scope = runtime_of(request), scope_of(request)
     body = await json_body(request)
     only(body, USER_FIELDS)
@@ -71,6 +75,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 
 async def list_users(request: web.Request) -> web.Response:
+    """GET /users/: mailboxes the caller may see (?domain= filters), paginated."""
     rt, scope = runtime_of(request), scope_of(request)
     limit, offset = page(request)
     rows = await rt.store.read(store.list_mailboxes, scope, _domain_filter(request), limit + 1,
@@ -79,6 +84,7 @@ async def list_users(request: web.Request) -> web.Response:
 
 
 async def get_user(request: web.Request) -> web.Response:
+    """GET /users/{email}."""
     rt = runtime_of(request)
     mailbox = await rt.store.read(store.get_mailbox, scope_of(request),
                                   _email(request.match_info["email"]))
@@ -86,6 +92,7 @@ async def get_user(request: web.Request) -> web.Response:
 
 
 async def update_user(request: web.Request) -> web.Response:
+    """PUT /users/{email}: partial update (a new password is hashed)."""
     rt, scope = runtime_of(request), scope_of(request)
     address = _email(request.match_info["email"])
     body = await json_body(request)
@@ -100,6 +107,7 @@ async def update_user(request: web.Request) -> web.Response:
 
 
 async def delete_user(request: web.Request) -> web.Response:
+    """DELETE /users/{email}."""
     rt = runtime_of(request)
     await rt.store.write(store.delete_mailbox, scope_of(request),
                          _email(request.match_info["email"]))
@@ -107,6 +115,7 @@ async def delete_user(request: web.Request) -> web.Response:
 
 
 async def get_quota(request: web.Request) -> web.Response:
+    """GET /users/{email}/quota."""
     rt = runtime_of(request)
     mailbox = await rt.store.read(store.get_mailbox, scope_of(request),
                                   _email(request.match_info["email"]))
@@ -115,6 +124,7 @@ async def get_quota(request: web.Request) -> web.Response:
 
 
 async def put_quota(request: web.Request) -> web.Response:
+    """PUT /users/{email}/quota: bytes, or null for unlimited."""
     rt, scope = runtime_of(request), scope_of(request)
     address = _email(request.match_info["email"])
     body = await json_body(request)
@@ -127,6 +137,7 @@ async def put_quota(request: web.Request) -> web.Response:
 
 
 def _destinations(value: object) -> tuple[str, ...]:
+    """1..100 normalised, de-duplicated destination addresses, or Invalid."""
     if not isinstance(value, list) or not value:
         raise Invalid("destinations must be a non-empty list of addresses")
     if len(value) > MAX_DESTINATIONS:
@@ -138,6 +149,7 @@ def _destinations(value: object) -> tuple[str, ...]:
 
 
 async def create_alias(request: web.Request) -> web.Response:
+    """POST /aliases/: an alias or a catch-all ('@domain') with its destinations."""
     rt, scope = runtime_of(request), scope_of(request)
     body = await json_body(request)
     only(body, ("source", "destinations"))
@@ -153,6 +165,7 @@ async def create_alias(request: web.Request) -> web.Response:
 
 
 async def list_aliases(request: web.Request) -> web.Response:
+    """GET /aliases/: aliases the caller may see (?domain= filters), paginated."""
     rt, scope = runtime_of(request), scope_of(request)
     limit, offset = page(request)
     rows = await rt.store.read(store.list_aliases, scope, _domain_filter(request), limit + 1,
@@ -161,17 +174,20 @@ async def list_aliases(request: web.Request) -> web.Response:
 
 
 def _source(request: web.Request) -> str:
+    """The normalised alias source of the path ('@domain' for a catch-all)."""
     local, domain = normalised(normalize_alias_source, request.match_info["source"])
     return f"{local}@{domain}"
 
 
 async def get_alias(request: web.Request) -> web.Response:
+    """GET /aliases/{source}."""
     rt = runtime_of(request)
     alias = await rt.store.read(store.get_alias, scope_of(request), _source(request))
     return web.json_response(render_alias(alias))
 
 
 async def delete_alias(request: web.Request) -> web.Response:
+    """DELETE /aliases/{source}."""
     rt = runtime_of(request)
     await rt.store.write(store.delete_alias, scope_of(request), _source(request))
     return web.Response(status=204)

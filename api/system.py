@@ -1,45 +1,58 @@
 """Handlers for /health, /metrics, the SNS webhook and the static portal."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
 
 from api.common import SCOPE_KEY, require_master, runtime_of
-from policyd import feedback
+from policyd import __version__, feedback
 from policyd.metrics import CONTENT_TYPE
-from policyd.store import StoreError
 from policyd.store.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 PORTAL_DIR = Path(str(resources.files("api").joinpath("static/portal")))
 PORTAL_FILES = {"portal.js": "text/javascript", "portal.css": "text/css",
                 "index.html": "text/html"}
+HEALTH_TIMEOUT = 2.0  # seconds: a database slower than this is as good as down for a monitor
 PORTAL_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                   "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-def _ping(conn) -> int:  # type: ignore[no-untyped-def]
-    return conn.execute("PRAGMA user_version").fetchone()[0]
+def _ping(conn: sqlite3.Connection) -> int:
+    """The schema version: proves the connection can read the database."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+async def _probe(request: web.Request) -> int:
+    """Read through a reader and take the write lock through the writer; the schema version."""
+    store = runtime_of(request).store
+    async with asyncio.timeout(HEALTH_TIMEOUT):
+        version = await store.read(_ping)
+        await store.write(_ping)
+    return version
 
 
 async def health(request: web.Request) -> web.Response:
-    rt = runtime_of(request)
+    """Liveness for monitors and load balancers: 503 while the database is unusable."""
     try:
-        version = await rt.store.read(_ping)
-        await rt.store.write(_ping)
-    except (StoreError, Exception) as exc:  # anything at all: the database is unusable
-        log.error("health check: database unusable: %s", exc)
-        return web.json_response({"status": "error", "db": "error"}, status=503)
-    from policyd import __version__
+        version = await _probe(request)
+    except Exception as exc:  # anything at all (closed, locked, slow, broken): unusable
+        log.error("health check: database unusable: %r", exc)
+        return web.json_response(
+            {"status": "error", "db": "error",
+             "error": {"code": "unavailable", "message": "database unusable"}}, status=503)
     return web.json_response({"status": "ok", "db": "ok", "schema_version": version,
                               "expected_schema_version": SCHEMA_VERSION,
                               "version": __version__})
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text (master, or no token from loopback)."""
     if request.get(SCOPE_KEY) is not None:
         require_master(request)
     body = runtime_of(request).metrics.render()
@@ -47,12 +60,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def ses_webhook(request: web.Request) -> web.Response:
+    """POST /webhooks/ses: SNS notifications (verified by signature, not token)."""
     body = await request.read()
     result = await feedback.handle_sns(runtime_of(request), body)
     return web.json_response(result)
 
 
 async def portal(request: web.Request) -> web.StreamResponse:
+    """GET /portal/ and its few static files (no auth: the page asks for the key)."""
     name = request.match_info.get("file") or "index.html"
     if name not in PORTAL_FILES:
         raise web.HTTPNotFound(reason="not found")
@@ -61,6 +76,7 @@ async def portal(request: web.Request) -> web.StreamResponse:
 
 
 async def portal_redirect(request: web.Request) -> web.Response:
+    """GET /portal: to /portal/, so the page's relative URLs resolve."""
     raise web.HTTPMovedPermanently("/portal/")
 
 

@@ -5,29 +5,54 @@ import re
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+MAX_DOMAIN = 253   # RFC 1035 §2.3.4, without the final dot
+MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3 path limit minus the angle brackets
+MAX_RAW = 1024     # longer input is rejected before any IDNA work is spent on it
 
 
 class NameError_(ValueError):
     """A domain or address that cannot be normalised."""
 
 
+def _show(raw: str) -> str:
+    """A short, printable form of rejected input for error messages."""
+    return repr(raw if len(raw) <= 80 else raw[:80] + "...")
+
+
+def _to_ascii(name: str, raw: str) -> str:
+    """The A-label form of an internationalised name."""
+    # The stdlib IDNA 2003 codec, as policyd.protocol uses for the names Postfix sends, so a
+    # stored name and a requested one always agree.
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise NameError_(f"invalid internationalised domain {_show(raw)}") from None
+
+
+def _check_labels(name: str, raw: str) -> None:
+    """LDH labels (RFC 1123), at least two, a non-numeric TLD, and A-labels that decode."""
+    labels = name.split(".")
+    if (len(name) > MAX_DOMAIN or len(labels) < 2 or labels[-1].isdigit()
+            or not all(_LABEL.match(label) for label in labels)):
+        raise NameError_(f"invalid domain name {_show(raw)}")
+    for label in labels:
+        if label.startswith("xn--"):
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                raise NameError_(f"invalid A-label {label!r} in {_show(raw)}") from None
+
+
 def normalize_domain(raw: object) -> str:
     """Return the canonical A-label form of a domain name, or raise NameError_."""
     if not isinstance(raw, str):
         raise NameError_("domain must be a string")
-    name = raw.strip().rstrip(".").lower()
-    if not name or len(name) > 253:
-        raise NameError_("domain must be 1..253 characters")
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise NameError_(f"invalid internationalised domain {raw!r}") from None
-    labels = name.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        raise NameError_(f"invalid domain name {raw!r}")
-    if labels[-1].isdigit():
-        raise NameError_(f"invalid domain name {raw!r}")
+    name = raw.strip()
+    name = name[:-1] if name.endswith(".") else name  # the root's dot, once
+    if not name or len(name) > MAX_RAW:
+        raise NameError_(f"domain must be 1..{MAX_DOMAIN} characters")
+    name = name.lower() if name.isascii() else _to_ascii(name.lower(), raw)
+    _check_labels(name, raw)
     return name
 
 
@@ -37,11 +62,14 @@ def normalize_email(raw: object) -> tuple[str, str]:
         raise NameError_("address must be a string")
     local, sep, domain = raw.strip().rpartition("@")
     if not sep or not local:
-        raise NameError_(f"invalid address {raw!r}")
+        raise NameError_(f"invalid address {_show(raw)}")
     local = local.lower()
     if not _LOCAL.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
-        raise NameError_(f"invalid local part in {raw!r}")
-    return local, normalize_domain(domain)
+        raise NameError_(f"invalid local part in {_show(raw)}")
+    domain = normalize_domain(domain)
+    if len(local) + 1 + len(domain) > MAX_ADDRESS:
+        raise NameError_(f"address longer than {MAX_ADDRESS} characters")
+    return local, domain
 
 
 def normalize_alias_source(raw: object) -> tuple[str, str]:

@@ -19,10 +19,13 @@ def check_password(value: object) -> bytes:
     """The password as bytes, or Invalid: a string of 8..72 bytes (bcrypt's limit) in UTF-8."""
     if not isinstance(value, str):
         raise Invalid("password must be a string")
-    raw = value.encode("utf-8")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
+        raise Invalid("password must be valid Unicode text") from None
     if not 8 <= len(raw) <= 72:
         raise Invalid("password must be 8 to 72 bytes long (UTF-8)")
-    if "\x00" in value:
+    if b"\x00" in raw:  # bcrypt stops at NUL (C strings): the rest would be ignored
         raise Invalid("password must not contain NUL")
     return raw
 
@@ -31,14 +34,18 @@ def _hash(raw: bytes, rounds: int) -> str:
     return SCHEME + bcrypt.hashpw(raw, bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 
-async def hash_password(value: object, rounds: int = ROUNDS) -> str:
+async def hash_password(value: object, rounds: int | None = None) -> str:
     """Validate and hash a password in the bcrypt thread; returns '{BLF-CRYPT}$2b$...'."""
     raw = check_password(value)
-    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, _hash, raw, rounds)
+    cost = ROUNDS if rounds is None else rounds  # read at call time: tests may lower it
+    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, _hash, raw, cost)
 
 
 def verify_password(value: str, stored: str) -> bool:
     """Check a password against a stored hash (blocking: call in a thread)."""
     if not stored.startswith(SCHEME):
         return False
-    return bcrypt.checkpw(value.encode("utf-8"), stored[len(SCHEME):].encode("ascii"))
+    try:
+        return bcrypt.checkpw(value.encode("utf-8"), stored[len(SCHEME):].encode("ascii"))
+    except (UnicodeError, ValueError):  # not encodable, or not a bcrypt hash
+        return False

@@ -335,8 +335,9 @@ async def test_increment_is_master_only_and_404_for_unknown_domains(daemon):
 
 async def test_rest_increments_are_never_audited(daemon):
     await daemon.domain("example.com")
+    before = await audited(daemon)  # the master's domain creation is audited
     await increment(daemon, 1)
-    assert [e["action"] for e in await audited(daemon)] == []
+    assert await audited(daemon) == before
 
 
 async def test_concurrent_increments_never_overshoot(daemon):

@@ -109,6 +109,7 @@ def domains_by_names(conn: sqlite3.Connection, names: list[str]) -> list[Domain]
 
 
 def _wildcard_parent(conn: sqlite3.Connection, name: str) -> tuple[int, int | None, str] | None:
+    """(id, partner_id, ses_status) of the nearest existing wildcard ancestor of name."""
     labels = name.split(".")
     for i in range(1, len(labels) - 1):
         row = conn.execute("SELECT id, partner_id, ses_status FROM domains "
@@ -129,17 +130,30 @@ def _check_partner_quota(conn: sqlite3.Connection, partner_id: int) -> None:
             raise QuotaExceeded(f"max_domains reached ({used} of {row[0]})")
 
 
+def _owner(scope: Scope, partner_id: int | None,
+           parent: tuple[int, int | None, str] | None) -> int | None:
+    """The new domain's partner: the client's own, the master's choice, or the parent's."""
+    # the master naming no partner for a subdomain of a wildcard domain means "link it"
+    if not scope.is_master:
+        return scope.partner_id
+    if partner_id is None and parent is not None:
+        return parent[1]
+    return partner_id
+
+
 def create_domain(conn: sqlite3.Connection, scope: Scope, name: str, partner_id: int | None,
                   tier: str, limits: tuple[int | None, int | None]) -> Domain:
     """Create a domain (quota checked in this transaction), linking a wildcard parent."""
-    owner = partner_id if scope.is_master else scope.partner_id
-    if owner is not None:
-        _check_partner_quota(conn, owner)
     if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
         raise Exists(f"domain {name} already exists")
     parent = _wildcard_parent(conn, name)
-    parent_id = parent[0] if parent and parent[1] == owner else None
-    ses_status = "inherited" if parent_id and parent[2] == "success" else "not_started"
+    owner = _owner(scope, partner_id, parent)
+    if owner is not None:
+        _check_partner_quota(conn, owner)
+    # a wildcard parent of another partner is not linked: tenants never share verification
+    linked = parent if parent is not None and parent[1] == owner else None
+    parent_id = linked[0] if linked else None
+    ses_status = "inherited" if linked and linked[2] == "success" else "not_started"
     now = iso(utcnow())
     conn.execute(
         "INSERT INTO domains (name, partner_id, parent_id, ses_status, out_tier, "
@@ -147,7 +161,9 @@ def create_domain(conn: sqlite3.Connection, scope: Scope, name: str, partner_id:
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (name, owner, parent_id, ses_status, tier, limits[0], limits[1], now, now))
     record_change(conn, owner, "created", "domain", name)
-    return get_domain(conn, scope, name)
+    created = get_domain(conn, scope, name)
+    audit(conn, scope, "domain.create", name, None, {"partner_id": owner, **_link_view(created)})
+    return created
 
 
 def delete_domain(conn: sqlite3.Connection, scope: Scope, name: str, force: bool) -> None:
@@ -160,6 +176,7 @@ def delete_domain(conn: sqlite3.Connection, scope: Scope, name: str, force: bool
                      "delete them or pass ?force=true")
     aliases = [r[0] for r in conn.execute(
         "SELECT source FROM aliases WHERE domain_id = ? ORDER BY source", (domain.id,))]
+    _unlink_children(conn, domain.id)
     conn.execute("DELETE FROM domains WHERE id = ?", (domain.id,))
     for key in mailboxes:
         record_change(conn, domain.partner_id, "deleted", "mailbox", key)
@@ -167,6 +184,18 @@ def delete_domain(conn: sqlite3.Connection, scope: Scope, name: str, force: bool
         record_change(conn, domain.partner_id, "deleted", "alias", key)
     record_change(conn, domain.partner_id, "deleted", "domain", name)
     audit(conn, scope, "domain.delete", name, {"mailboxes": len(mailboxes)}, None)
+
+
+def _unlink_children(conn: sqlite3.Connection, parent_id: int) -> None:
+    """Detach the subdomains linked to a parent about to go: they keep no borrowed SES state."""
+    children = conn.execute("SELECT name, partner_id FROM domains WHERE parent_id = ? "
+                            "ORDER BY name", (parent_id,)).fetchall()
+    conn.execute(
+        "UPDATE domains SET parent_id = NULL, updated_at = ?, ses_status = CASE ses_status "
+        "WHEN 'inherited' THEN 'not_started' ELSE ses_status END WHERE parent_id = ?",
+        (iso(utcnow()), parent_id))
+    for name, partner_id in children:
+        record_change(conn, partner_id, "updated", "domain", name)
 
 
 def _update(conn: sqlite3.Connection, domain: Domain, fields: dict[str, Any]) -> None:
@@ -181,7 +210,9 @@ def _update(conn: sqlite3.Connection, domain: Domain, fields: dict[str, Any]) ->
 def set_suspended(conn: sqlite3.Connection, scope: Scope, name: str, suspend: bool) -> Domain:
     """Suspend or activate; a master suspension can only be lifted by the master."""
     domain = get_domain(conn, scope, name)
-    if not suspend and domain.suspended_by == "master" and not scope.is_master:
+    if domain.suspended_by == "master" and not scope.is_master:
+        if suspend:  # already suspended, and a client must not downgrade it to its own
+            return domain
         raise Forbidden(f"domain {name} was suspended by the platform; only the master "
                         "can activate it")
     fields: dict[str, Any] = (
@@ -195,30 +226,46 @@ def set_suspended(conn: sqlite3.Connection, scope: Scope, name: str, suspend: bo
     return get_domain(conn, scope, name)
 
 
+def _parent_row(conn: sqlite3.Connection, domain: Domain, parent: str) -> tuple[int, str]:
+    """(id, ses_status) of the domain that may become domain's parent, or an error."""
+    if not domain.name.endswith("." + parent):
+        raise Invalid(f"{parent} is not a parent domain of {domain.name}")
+    row = conn.execute("SELECT id, partner_id, ses_status FROM domains WHERE name = ?",
+                       (parent,)).fetchone()
+    if row is None:
+        raise NotFound(f"parent domain {parent} not found")
+    if row[1] != domain.partner_id:
+        raise Invalid(f"{parent} belongs to another partner than {domain.name}")
+    return row[0], row[2]
+
+
+def _link_fields(conn: sqlite3.Connection, domain: Domain, parent: str | None) -> dict[str, Any]:
+    """The columns that link domain to parent (or unlink it), keeping ses_status truthful."""
+    if parent is None:
+        unlinked = "not_started" if domain.ses_status == "inherited" else domain.ses_status
+        return {"parent_id": None, "ses_status": unlinked}
+    parent_id, parent_ses = _parent_row(conn, domain, parent)
+    inherits = domain.ses_status == "not_started" and parent_ses == "success"
+    return {"parent_id": parent_id,
+            "ses_status": "inherited" if inherits else domain.ses_status}
+
+
+def _link_view(domain: Domain) -> dict[str, Any]:
+    return {"parent": domain.parent.name if domain.parent else None,
+            "wildcard": domain.wildcard}
+
+
 def set_parent(conn: sqlite3.Connection, scope: Scope, name: str, parent: str | None,
                wildcard: bool | None) -> Domain:
     """Link name to a parent domain (or unlink) and set its own wildcard flag (master)."""
     domain = get_domain(conn, scope, name)
-    fields: dict[str, Any] = {}
+    fields = _link_fields(conn, domain, parent)
     if wildcard is not None:
         fields["wildcard"] = int(wildcard)
-    if parent is None:
-        fields["parent_id"] = None
-    else:
-        if parent == name or not name.endswith("." + parent):
-            raise Invalid(f"{parent} is not a parent domain of {name}")
-        row = conn.execute("SELECT id FROM domains WHERE name = ?", (parent,)).fetchone()
-        if row is None:
-            raise NotFound(f"parent domain {parent} not found")
-        fields["parent_id"] = row[0]
-    before = {"parent": domain.parent.name if domain.parent else None,
-              "wildcard": domain.wildcard}
     _update(conn, domain, fields)
-    after_domain = get_domain(conn, scope, name)
-    audit(conn, scope, "domain.parent", name, before,
-          {"parent": after_domain.parent.name if after_domain.parent else None,
-           "wildcard": after_domain.wildcard})
-    return after_domain
+    after = get_domain(conn, scope, name)
+    audit(conn, scope, "domain.parent", name, _link_view(domain), _link_view(after))
+    return after
 
 
 def update_fields(conn: sqlite3.Connection, scope: Scope, name: str, fields: dict[str, Any],

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policyd.errors import Exists, NotFound, QuotaExceeded
-from policyd.store.changes import record_change
+from policyd.store.changes import audit, record_change
 from policyd.store.domains import Domain, get_domain
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
@@ -42,6 +42,12 @@ def get_mailbox(conn: sqlite3.Connection, scope: Scope, email: str) -> Mailbox:
     if row is None:
         raise NotFound(f"mailbox {email} not found")
     return _mailbox(row)
+
+
+def password_hash(conn: sqlite3.Connection, email: str) -> str | None:
+    """The stored password hash of a mailbox, as Dovecot reads it (unscoped, internal)."""
+    row = conn.execute("SELECT password_hash FROM mailboxes WHERE email = ?", (email,)).fetchone()
+    return row[0] if row else None
 
 
 def list_mailboxes(conn: sqlite3.Connection, scope: Scope, domain: str | None, limit: int,
@@ -82,20 +88,33 @@ def create_mailbox(conn: sqlite3.Connection, scope: Scope, local: str, domain_na
         (domain.id, local, address, fields["password_hash"], fields.get("name"),
          fields.get("quota_bytes"), int(fields.get("active", True)), now, now))
     record_change(conn, domain.partner_id, "created", "mailbox", address)
-    return get_mailbox(conn, scope, address)
+    created = get_mailbox(conn, scope, address)
+    audit(conn, scope, "mailbox.create", address, None, _audit_view(created))
+    return created
 
 
 def update_mailbox(conn: sqlite3.Connection, scope: Scope, email: str,
                    fields: dict[str, Any]) -> Mailbox:
     """Partial update of password_hash, name, quota_bytes, active."""
     mailbox = get_mailbox(conn, scope, email)
-    if fields:
-        columns = {k: (int(v) if k == "active" else v) for k, v in fields.items()}
-        sets = ", ".join(f"{column} = ?" for column in columns)
-        conn.execute(f"UPDATE mailboxes SET {sets}, updated_at = ? WHERE id = ?",
-                     (*columns.values(), iso(utcnow()), mailbox.id))
-        record_change(conn, mailbox.partner_id, "updated", "mailbox", email)
-    return get_mailbox(conn, scope, email)
+    if not fields:
+        return mailbox
+    columns = {k: (int(v) if k == "active" else v) for k, v in fields.items()}
+    sets = ", ".join(f"{column} = ?" for column in columns)
+    conn.execute(f"UPDATE mailboxes SET {sets}, updated_at = ? WHERE id = ?",
+                 (*columns.values(), iso(utcnow()), mailbox.id))
+    record_change(conn, mailbox.partner_id, "updated", "mailbox", email)
+    updated = get_mailbox(conn, scope, email)
+    before, after = _audit_view(mailbox), _audit_view(updated)
+    if "password_hash" in fields:  # never the hash itself: only that it changed
+        before["password"], after["password"] = "old", "changed"
+    audit(conn, scope, "mailbox.update", email, before, after)
+    return updated
+
+
+def _audit_view(m: Mailbox) -> dict[str, Any]:
+    """What the audit log keeps of a mailbox (never its password hash)."""
+    return {"name": m.name, "quota_bytes": m.quota_bytes, "active": m.active}
 
 
 def delete_mailbox(conn: sqlite3.Connection, scope: Scope, email: str) -> None:
@@ -103,6 +122,7 @@ def delete_mailbox(conn: sqlite3.Connection, scope: Scope, email: str) -> None:
     mailbox = get_mailbox(conn, scope, email)
     conn.execute("DELETE FROM mailboxes WHERE id = ?", (mailbox.id,))
     record_change(conn, mailbox.partner_id, "deleted", "mailbox", email)
+    audit(conn, scope, "mailbox.delete", email, _audit_view(mailbox), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +171,10 @@ def list_aliases(conn: sqlite3.Connection, scope: Scope, domain: str | None, lim
 
 def _check_alias_quota(conn: sqlite3.Connection, domain: Domain,
                        destinations: tuple[str, ...]) -> None:
+    """max_aliases_per_mailbox, for each destination that is a mailbox of the same partner."""
+    # Only the partner's own mailboxes and aliases count: another tenant's mailbox is an outside
+    # address here (a 403 naming it would reveal that it exists), and another tenant's aliases
+    # never use up this partner's quota.
     if domain.partner_id is None:
         return
     row = conn.execute("SELECT max_aliases_per_mailbox FROM partners WHERE id = ?",
@@ -158,10 +182,14 @@ def _check_alias_quota(conn: sqlite3.Connection, domain: Domain,
     if not row or row[0] is None:
         return
     for address in destinations:
-        if not conn.execute("SELECT 1 FROM mailboxes WHERE email = ?", (address,)).fetchone():
+        if not conn.execute("SELECT 1 FROM mailboxes m JOIN domains d ON d.id = m.domain_id "
+                            "WHERE m.email = ? AND d.partner_id = ?",
+                            (address, domain.partner_id)).fetchone():
             continue
-        used = conn.execute("SELECT count(DISTINCT alias_id) FROM alias_destinations "
-                            "WHERE address = ?", (address,)).fetchone()[0]
+        used = conn.execute(
+            "SELECT count(DISTINCT t.alias_id) FROM alias_destinations t "
+            "JOIN aliases a ON a.id = t.alias_id JOIN domains d ON d.id = a.domain_id "
+            "WHERE t.address = ? AND d.partner_id = ?", (address, domain.partner_id)).fetchone()[0]
         if used >= row[0]:
             raise QuotaExceeded(f"max_aliases_per_mailbox reached for {address} "
                                 f"({used} of {row[0]})")
@@ -182,6 +210,7 @@ def create_alias(conn: sqlite3.Connection, scope: Scope, source: str, domain_nam
                      "VALUES (?, ?, ?)",
                      [(alias_id, i, address) for i, address in enumerate(destinations)])
     record_change(conn, domain.partner_id, "created", "alias", source)
+    audit(conn, scope, "alias.create", source, None, {"destinations": list(destinations)})
     return get_alias(conn, scope, source)
 
 
@@ -190,3 +219,4 @@ def delete_alias(conn: sqlite3.Connection, scope: Scope, source: str) -> None:
     alias = get_alias(conn, scope, source)
     conn.execute("DELETE FROM aliases WHERE id = ?", (alias.id,))
     record_change(conn, alias.partner_id, "deleted", "alias", source)
+    audit(conn, scope, "alias.delete", source, {"destinations": list(alias.destinations)}, None)
