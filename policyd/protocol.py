@@ -7,7 +7,10 @@ connection, and Postfix retries, then applies its default action.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+
+from idna import IDNAError
+
+from policyd.names import to_a_labels
 
 MAX_LINE = 65536  # bytes in one line, terminator excluded
 MAX_ATTRS = 256  # attribute lines in one request (Postfix sends about 30)
@@ -160,13 +163,12 @@ def normalize_domain(name: str) -> str:
 _IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
-@lru_cache(maxsize=4096)
 def _to_a_label(name: str) -> str:
-    # The stdlib IDNA 2003 codec, as policyd.names uses, so stored and requested names agree.
+    # The same IDNA 2008 conversion as policyd.names, so stored and requested names agree.
     name = name.translate(_IDNA_DOTS).rstrip(".")
     try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError:
+        return to_a_labels(name)
+    except (IDNAError, UnicodeError):
         return name  # matches no hosted domain (those are stored as A-labels)
 
 

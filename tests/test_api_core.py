@@ -709,3 +709,19 @@ async def test_users_and_aliases_paginate_too(daemon: Daemon) -> None:
 async def test_bad_pagination_is_400(daemon: Daemon, query: str) -> None:
     for path in ("/domains/", "/users/", "/aliases/"):
         assert_error(*await daemon.api("GET", f"{path}?{query}"), 400, "invalid")
+
+
+async def test_idna_2008_keeps_sharp_s_domains_apart(daemon: Daemon) -> None:
+    """IDNA 2003 would map straße.de onto strasse.de: two registered domains, two tenants."""
+    status, sharp = await daemon.api("POST", "/domains/", {"name": "Straße.de"})
+    assert status == 201 and sharp["name"] == "xn--strae-oqa.de"
+    status, plain = await daemon.api("POST", "/domains/", {"name": "strasse.de"})
+    assert status == 201 and plain["name"] == "strasse.de"
+    await daemon.verify("xn--strae-oqa.de")
+    client = await daemon.policy()
+    assert await client.ask(sender="bob@straße.de", sasl_username="bob@straße.de") == "DUNNO"
+    await client.close()
+    _, out = await daemon.api("GET", "/domains/straße.de/outbound")
+    assert out["sent_today"] == 1
+    _, other = await daemon.api("GET", "/domains/strasse.de/outbound")
+    assert other["sent_today"] == 0
