@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from aiohttp import web
 from api.common import SCOPE_KEY, require_master, runtime_of
 from policyd import __version__, feedback
 from policyd.metrics import CONTENT_TYPE
-from policyd.store.schema import SCHEMA_VERSION
+from policyd.store.schema import SCHEMA_VERSION, user_version
 
 log = logging.getLogger(__name__)
 PORTAL_DIR = Path(str(resources.files("api").joinpath("static/portal")))
@@ -23,17 +22,12 @@ PORTAL_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestor
                   "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-def _ping(conn: sqlite3.Connection) -> int:
-    """The schema version: proves the connection can read the database."""
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
 async def _probe(request: web.Request) -> int:
     """Read through a reader and take the write lock through the writer; the schema version."""
     store = runtime_of(request).store
     async with asyncio.timeout(HEALTH_TIMEOUT):
-        version = await store.read(_ping)
-        await store.write(_ping)
+        version = await store.read(user_version)
+        await store.write(user_version)
     return version
 
 

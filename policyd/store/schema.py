@@ -26,6 +26,11 @@ def schema_sql() -> str:
     return resources.files("policyd").joinpath("schema.sql").read_text(encoding="utf-8")
 
 
+def user_version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the database (a cheap proof that it can be read)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
 def _normal(sql: str | None) -> str:
     text = _SPACE.sub(" ", _COMMENT.sub("", sql or "")).strip()
     return _QUOTED_NAME.sub(r"\1 \2", text)
