@@ -18,6 +18,8 @@ from policyd.runtime import Runtime
 from policyd.ses import SesStatus
 from policyd.sesflow import _store_status
 from tests.dnsserver import dns_server  # noqa: F401  (pytest fixture)
+from tests.hookserver import HookReceiver
+from tests.snsfake import CertServer
 
 MASTER = "test-master-token-0123456789abcdef"
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -173,3 +175,33 @@ async def daemon(make_config: Callable[..., Config]) -> AsyncIterator[Daemon]:
     d = await start_daemon(make_config())
     yield d
     await d.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Fake credentials and no local AWS profile, so nothing can reach a real account."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+async def cert_server() -> AsyncIterator[CertServer]:
+    """Serves the SNS signing certificate and the SubscribeURL on 127.0.0.1."""
+    server = CertServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[HookReceiver]:
+    """A partner's notify_url on 127.0.0.1 that checks the HMAC signature."""
+    hook = HookReceiver()
+    await hook.start()
+    yield hook
+    await hook.stop()

@@ -13,7 +13,7 @@ import dns.rcode
 import pytest
 
 from policyd.dnscheck import NO_DKIM_TOKEN, NO_TOKEN, DnsSettings, dns_check, expected_records
-from tests.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
+from tests.dnsserver import DnsServer
 
 DOMAIN = "example.com"
 SES_TOKEN = "pmBGN/7MjnfhTKUZ06Enqq1PeGUaOkw8lGhcfwefcHU="

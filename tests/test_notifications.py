@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
@@ -24,15 +22,6 @@ from tests.conftest import Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running
 
 BASE = 0.05  # seconds: the first retry delay injected into the notifier
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[HookReceiver]:
-    """The partner's notify_url."""
-    hook = HookReceiver()
-    await hook.start()
-    yield hook
-    await hook.stop()
 
 
 async def partner_with_hook(daemon: Daemon, receiver: HookReceiver) -> dict[str, Any]:

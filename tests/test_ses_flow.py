@@ -34,20 +34,9 @@ from tests.conftest import Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running
 
 REGION = "us-east-1"
+pytestmark = pytest.mark.usefixtures("aws_env")
 STATUS_OPS = ("GetIdentityVerificationAttributes", "GetIdentityDkimAttributes")
 START_OPS = ["VerifyDomainIdentity", "VerifyDomainDkim"]
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    """Fake credentials and no local AWS profile, so nothing can reach a real account."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(name, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +73,6 @@ async def ses_daemon(make_config: Any, moto_url: str) -> AsyncIterator[Daemon]:
                                                  "auto_verify": "true"}))
     yield daemon
     await daemon.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[HookReceiver]:
-    """The partner's notify_url."""
-    hook = HookReceiver()
-    await hook.start()
-    yield hook
-    await hook.stop()
 
 
 class SesCalls:

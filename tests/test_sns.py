@@ -36,14 +36,6 @@ AWS_CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-ab
 
 
 @pytest.fixture
-async def cert_server() -> AsyncIterator[CertServer]:
-    server = CertServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def make_verifier() -> AsyncIterator[VerifierFactory]:
     made: list[SnsVerifier] = []
 

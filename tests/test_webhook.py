@@ -31,24 +31,6 @@ DOMAIN = "acme.example"
 SENDER = f"news@{DOMAIN}"
 
 
-@pytest.fixture
-async def cert_server() -> AsyncIterator[CertServer]:
-    """Serves the SNS signing certificate and the SubscribeURL on 127.0.0.1."""
-    server = CertServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[HookReceiver]:
-    """The partner's notify_url."""
-    hook = HookReceiver()
-    await hook.start()
-    yield hook
-    await hook.stop()
-
-
 @dataclass
 class World:
     """A daemon with one partner (client token, notify_url) and its SES-verified domain."""
