@@ -22,7 +22,7 @@ from policyd.store.scope import Scope
 from policyd.timeutil import utcnow
 
 log = logging.getLogger(__name__)
-VERIFY_WAIT = 5.0  # seconds a create waits for SES before answering (it goes on after)
+VERIFY_WAIT = 2.0  # seconds a create waits for SES before answering (it goes on after)
 
 
 def render(d: Domain, totals: counters.Totals, region: str) -> dict[str, Any]:
@@ -176,11 +176,13 @@ async def ses_verify(request: web.Request) -> web.Response:
     """POST /domains/{name}/ses-verify (master): start SES verification."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
-    await rt.store.read(store.get_domain, scope, name)
+    before = await rt.store.read(store.get_domain, scope, name)
     if rt.ses is None or not await sesflow.start_verification(rt, name):
         raise Unavailable("SES verification could not be started; the poller will retry")
-    await rt.store.write(audit, scope, "domain.ses_verify", name, None, None)
-    return web.json_response(await show(rt, scope, name))
+    view = await show(rt, scope, name)
+    await rt.store.write(audit, scope, "domain.ses_verify", name,
+                         {"ses_status": before.ses_status}, {"ses_status": view["ses"]["status"]})
+    return web.json_response(view)
 
 
 async def ses_status(request: web.Request) -> web.Response:
