@@ -6,40 +6,55 @@ writer, in this process or another, can move a counter in between.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, Iterable
 
 from policyd.policy import DomainFacts, Usage
 
-_FACTS = (
+_FACTS_COLUMNS = (
     "SELECT d.id, d.name, d.partner_id, d.status, d.out_status, d.ses_status, p.ses_status, "
     "CASE WHEN p.id IS NULL THEN d.out_daily_limit ELSE p.out_daily_limit END, "
     "CASE WHEN p.id IS NULL THEN d.out_monthly_limit ELSE p.out_monthly_limit END, "
     "d.transfer_limit_bytes, coalesce(p.out_enforcement, d.out_enforcement), "
-    "coalesce(cd.sent, 0), coalesce(cm.sent, 0), coalesce(cm.bytes, 0) "
-    "FROM domains d LEFT JOIN domains p ON p.id = d.parent_id "
-    "LEFT JOIN counters cd ON cd.domain_id = d.id AND cd.kind = 'day' AND cd.period = ? "
-    "LEFT JOIN counters cm ON cm.domain_id = d.id AND cm.kind = 'month' AND cm.period = ? "
-    "WHERE d.name = ?")
+    "coalesce(cd.sent, 0), coalesce(cm.sent, 0), coalesce(cm.bytes, 0) ")
+_FACTS_JOINS = (
+    "LEFT JOIN domains p ON p.id = d.parent_id "
+    "LEFT JOIN counters cd ON cd.domain_id = d.id AND cd.kind = 'day' AND cd.period = ?1 "
+    "LEFT JOIN counters cm ON cm.domain_id = d.id AND cm.kind = 'month' AND cm.period = ?2 ")
+_FACTS = _FACTS_COLUMNS + "FROM domains d " + _FACTS_JOINS + "WHERE d.name = ?3"
+# One statement for any number of names: they come as one JSON array (a fixed SQL text, so
+# the prepared statement is reused whatever the batch size).
+_FACTS_MANY = (_FACTS_COLUMNS + "FROM json_each(?3) AS names "
+               "JOIN domains d ON d.name = names.value " + _FACTS_JOINS)
+
+Found = tuple[int, DomainFacts, Usage]
 
 
-def domain_facts(conn: sqlite3.Connection, name: str, day: str,
-                 month: str) -> tuple[int, DomainFacts, Usage] | None:
-    """(domain id, facts, current usage) of a hosted domain, or None when not hosted."""
-    r = conn.execute(_FACTS, (day, month, name)).fetchone()
-    if r is None:
-        return None
+def _found(r: tuple[Any, ...]) -> Found:
     facts = DomainFacts(name=r[1], partner_id=r[2], status=r[3], out_status=r[4],
                         ses_status=r[5], parent_ses_status=r[6], daily_limit=r[7],
                         monthly_limit=r[8], transfer_limit_bytes=r[9], enforcement=r[10])
     return r[0], facts, Usage(sent_today=r[11], sent_month=r[12], bytes_month=r[13])
 
 
-def domain_partner(conn: sqlite3.Connection, name: str) -> tuple[bool, int | None]:
-    """(hosted, partner id) of a domain name."""
-    row = conn.execute("SELECT partner_id FROM domains WHERE name = ?", (name,)).fetchone()
-    return (False, None) if row is None else (True, row[0])
+def domain_facts(conn: sqlite3.Connection, name: str, day: str, month: str) -> Found | None:
+    """(domain id, facts, current usage) of a hosted domain, or None when not hosted."""
+    r = conn.execute(_FACTS, (day, month, name)).fetchone()
+    return None if r is None else _found(r)
+
+
+def domains_facts(conn: sqlite3.Connection, names: Iterable[str], day: str,
+                  month: str) -> dict[str, Found]:
+    """domain_facts of several names in one query; names not hosted are left out."""
+    names = list(names)
+    if len(names) == 1:  # the common case at low load: the plain query is cheaper than JSON
+        found = domain_facts(conn, names[0], day, month)
+        return {} if found is None else {names[0]: found}
+    rows = conn.execute(_FACTS_MANY, (day, month, json.dumps(names))).fetchall()
+    return {r[1]: _found(r) for r in rows}
 
 
 def add(conn: sqlite3.Connection, domain_id: int, day: str, month: str, sent: int,
@@ -53,11 +68,33 @@ def add(conn: sqlite3.Connection, domain_id: int, day: str, month: str, sent: in
         (domain_id, day, month, sent, nbytes))
 
 
-def add_bytes(conn: sqlite3.Connection, name: str, day: str, month: str, nbytes: int) -> None:
-    """Count inbound bytes to a hosted domain's transfer (no message count)."""
-    row = conn.execute("SELECT id FROM domains WHERE name = ?", (name,)).fetchone()
-    if row is not None and nbytes > 0:
-        add(conn, row[0], day, month, 0, nbytes)
+_UPSERT = ("ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
+           "sent = sent + excluded.sent, bytes = bytes + excluded.bytes")
+_ADD_JSON = (
+    "INSERT INTO counters (domain_id, kind, period, sent, bytes) "
+    "SELECT row.value ->> 0, kind.name, row.value ->> (1 + kind.n), row.value ->> 3, "
+    "row.value ->> 4 FROM json_each(?) AS row, "
+    "(SELECT 'day' AS name, 0 AS n UNION ALL SELECT 'month', 1) AS kind "
+    "WHERE true " + _UPSERT)  # "WHERE true": SQLite's upsert-after-SELECT parsing rule
+MAX_VALUES_ROWS = 256  # more domains than this in one batch: the (slower) JSON statement
+
+
+@lru_cache(maxsize=MAX_VALUES_ROWS)
+def _add_values(domains: int) -> str:
+    rows = ", ".join(["(?, 'day', ?, ?, ?), (?, 'month', ?, ?, ?)"] * domains)
+    return f"INSERT INTO counters (domain_id, kind, period, sent, bytes) VALUES {rows} {_UPSERT}"
+
+
+def add_many(conn: sqlite3.Connection, counts: list[tuple[int, str, str, int, int]]) -> None:
+    """Add (domain id, day, month, sent, bytes) to the day and month counters of several
+    domains in one statement, so it is all or nothing."""
+    if len(counts) > MAX_VALUES_ROWS:
+        conn.execute(_ADD_JSON, (json.dumps(counts),))
+    elif counts:
+        params: list[Any] = []
+        for domain_id, day, month, sent, nbytes in counts:
+            params += (domain_id, day, sent, nbytes, domain_id, month, sent, nbytes)
+        conn.execute(_add_values(len(counts)), params)
 
 
 @dataclass(frozen=True, slots=True)

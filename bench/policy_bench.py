@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Policy server throughput and latency against the null server, measured in one run.
+
+Starts /work/shared/tools/nullpolicy.py (parse and answer DUNNO, no database) and `policyd serve`
+on a fresh temporary database seeded with 1,000 verified domains (d0.test .. d999.test, no
+limits), then runs the shared load generator against both at each connection count: every
+request an outbound END-OF-MESSAGE, so each policyd reply is the full decision plus one durable
+counter increment committed before the reply. Prints a table and writes it as JSON.
+
+    .venv/bin/python bench/policy_bench.py --duration 5 --out bench/results.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import statistics
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from policyd.store import Store  # noqa: E402
+from policyd.store import domains as domain_store  # noqa: E402
+from policyd.store.scope import MASTER  # noqa: E402
+
+TOOLS = Path(os.environ.get("POLICYD_TOOLS", "/work/shared/tools"))
+DOMAINS = 1000
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server under test: a label and the command that starts it on a port."""
+
+    label: str
+    argv: list[str]
+    port: int
+
+
+def free_port() -> int:
+    """An ephemeral port that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _seed_rows(conn: Any, count: int) -> int:
+    for i in range(count):
+        name = f"d{i}.test"
+        domain_store.create_domain(conn, MASTER, name, None, "unlimited", (None, None))
+        domain_store.set_ses(conn, name, status="success", dkim_status="Success",
+                             token="tok", dkim_tokens=("a", "b", "c"))
+    return count
+
+
+async def seed(db: Path, count: int) -> None:
+    """Create count verified, unlimited domains in one write transaction through the store."""
+    store = Store(db)
+    await store.open()
+    try:
+        await store.write(_seed_rows, count)
+    finally:
+        await store.close()
+
+
+def write_config(workdir: Path, policy_port: int, log_decisions: bool,
+                 name: str = "policyd") -> Path:
+    """A config on workdir's database; everything else is the built-in default but ports."""
+    path = workdir / f"{name}-{'log' if log_decisions else 'nolog'}.ini"
+    path.write_text(
+        f"[database]\npath = {workdir / 'policyd.sqlite3'}\n"
+        f"[policy]\nlisten = 127.0.0.1:{policy_port}\n"
+        f"log_decisions = {'true' if log_decisions else 'false'}\n"
+        f"[api]\nlisten = 127.0.0.1:{free_port()}\n"
+        f"[auth]\nmaster_token = {secrets.token_urlsafe(24)}\n"
+        # no AWS from a benchmark: SES off, and no scheduler polling it
+        "[ses]\nauto_verify = false\nendpoint_url = http://127.0.0.1:9\n"
+        "[scheduler]\nenabled = false\n", encoding="utf-8")
+    return path
+
+
+def serve_argv(config: Path, tree: Path | None) -> list[str]:
+    """`policyd serve` from this checkout, or from another source tree (a baseline)."""
+    if tree is None:
+        return [str(Path(sys.executable).with_name("policyd")), "serve", "--config", str(config)]
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-m", "policyd", "serve", "--config",
+            str(config)]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Return once port accepts connections; fail if the process dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server on port {port} did not start")
+
+
+class Running:
+    """A started server process, stopped with SIGTERM (then SIGKILL) on exit."""
+
+    def __init__(self, target: Target, log: Path) -> None:
+        self.target = target
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(target.argv, stdout=self._log, stderr=self._log,
+                                     cwd=log.parent)
+        wait_listening(target.port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def load(port: int, connections: int, duration: float, procs: int, label: str) -> dict[str, Any]:
+    """One policyload run; its JSON summary."""
+    argv = [sys.executable, str(TOOLS / "policyload.py"), "--port", str(port),
+            "--connections", str(connections), "--duration", str(duration),
+            "--domains", str(DOMAINS), "--state", "END-OF-MESSAGE", "--procs", str(procs),
+            "--label", label]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def procs_for(connections: int, procs_at_100: int) -> int:
+    """Client processes: more at high concurrency so the client is not the bottleneck."""
+    return procs_at_100 if connections >= 100 else 1
+
+
+def measure(targets: list[Target], workdir: Path, points: list[int], duration: float,
+            procs_at_100: int, rounds: int) -> Iterator[dict[str, Any]]:
+    """Each round: for each connection count, load every target in turn (same client
+    settings), so noise from the machine falls on all servers alike."""
+    running = [Running(t, workdir / f"{t.label}.log") for t in targets]
+    try:
+        for round_no in range(1, rounds + 1):
+            for conns in points:
+                for server in running:
+                    result = load(server.target.port, conns, duration,
+                                  procs_for(conns, procs_at_100), server.target.label)
+                    print(f"  [{round_no}] {server.target.label:>14} @ {conns:>3}: "
+                          f"{result['rps']:>8.1f} req/s p50 {result['p50_us']} us "
+                          f"p99 {result['p99_us']} us errors {result['errors']} "
+                          f"{result['actions']}", flush=True)
+                    yield {"server": server.target.label, "connections": conns,
+                           "round": round_no, **result}
+    finally:
+        for server in running:
+            server.stop()
+
+
+def table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, connections): medians over the rounds of req/s, p50, p99, and of
+    the ratios to null measured in the same round (paired, so drift in the machine's load
+    cancels out); errors summed."""
+    null = {(r["round"], r["connections"]): r for r in runs if r["server"] == "null"}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["server"], r["connections"]), []).append(r)
+    rows = []
+    for (server, conns), group in groups.items():
+        pairs = [(r, null[r["round"], conns]) for r in group]
+        rows.append({
+            "server": server, "connections": conns, "rounds": len(group),
+            **{k: statistics.median(r[k] for r in group) for k in ("rps", "p50_us", "p99_us")},
+            "errors": sum(r["errors"] for r in group),
+            "rps_ratio": round(statistics.median(r["rps"] / n["rps"] for r, n in pairs), 3),
+            "p99_ratio": round(statistics.median(r["p99_us"] / n["p99_us"] for r, n in pairs),
+                               3),
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The table on stdout."""
+    print(f"\n{'server':>14} {'conns':>5} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} "
+          f"{'x null':>7} {'p99 x null':>10} {'errors':>6}")
+    for r in sorted(rows, key=lambda r: (r["connections"], r["server"] != "null")):
+        print(f"{r['server']:>14} {r['connections']:>5} {r['rps']:>9.1f} {r['p50_us']:>8} "
+              f"{r['p99_us']:>8} {r['rps_ratio']:>7.3f} {r['p99_ratio']:>10.3f} "
+              f"{r['errors']:>6}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per point")
+    p.add_argument("--connections", default="1,10,100", help="comma list")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every point; the table shows medians")
+    p.add_argument("--procs-at-100", type=int, default=2,
+                   help="client processes at >= 100 connections (same for every server)")
+    p.add_argument("--log-decisions", choices=["true", "false", "both"], default="both",
+                   help="[policy] log_decisions of the policyd run(s)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also measure the policyd of another source tree (e.g. an unpacked "
+                        "`git archive` of an older commit), same database and settings")
+    p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    a = p.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="policy-bench-"))
+    try:
+        run(a, workdir)
+    finally:
+        if a.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(a: argparse.Namespace, workdir: Path) -> None:
+    """Seed, start the servers, measure, print and write the results."""
+    started = time.perf_counter()
+    asyncio.run(seed(workdir / "policyd.sqlite3", DOMAINS))
+    print(f"seeded {DOMAINS} domains in {time.perf_counter() - started:.2f} s", flush=True)
+    port = free_port()
+    targets = [Target("null", [sys.executable, str(TOOLS / "nullpolicy.py"), "--port",
+                               str(port)], port)]
+    modes = {"both": [True, False], "true": [True], "false": [False]}[a.log_decisions]
+    trees = [("policyd", None)] + ([("base", Path(a.baseline))] if a.baseline else [])
+    for name, tree in trees:
+        for log_decisions in modes:
+            port = free_port()
+            config = write_config(workdir, port, log_decisions, name)
+            label = name if log_decisions else f"{name}-nolog"
+            targets.append(Target(label, serve_argv(config, tree), port))
+    points = [int(c) for c in a.connections.split(",")]
+    runs = list(measure(targets, workdir, points, a.duration, a.procs_at_100, a.rounds))
+    rows = table(runs)
+    print_table(rows)
+    Path(a.out).write_text(json.dumps({
+        "duration_s": a.duration, "rounds": a.rounds, "domains": DOMAINS,
+        "state": "END-OF-MESSAGE", "procs_at_100": a.procs_at_100, "cpus": os.cpu_count(),
+        "load_average_after": os.getloadavg(), "rows": rows, "runs": runs,
+    }, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
