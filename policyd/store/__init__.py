@@ -338,6 +338,9 @@ class Store:
     def _writer_main(self) -> None:
         conn = self._conn
         assert conn is not None
+        # Checkpoints use a connection of their own: a PASSIVE checkpoint never takes the
+        # write lock, so writes (on the loop or here) go on while it copies pages and fsyncs.
+        checkpointer = connect(self.path, **self._options)
         try:
             stop = False
             while not stop:
@@ -345,8 +348,9 @@ class Store:
                 if batch:
                     self._run_batch(conn, batch)
                 if self._commits >= CHECKPOINT_EVERY:
-                    self._checkpoint(conn)
+                    self._checkpoint(checkpointer)
         finally:
+            checkpointer.close()
             with self._lock:
                 conn.close()
 
@@ -384,15 +388,15 @@ class Store:
             pass
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
-        """Copy the WAL back into the database (PASSIVE: never waits for readers)."""
+        """Copy the WAL back into the database (PASSIVE: waits for no reader or writer)."""
         with self._lock:
             self._commits = 0
             self._checkpoint_asked = False
             self.checkpoints += 1
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:  # the next round tries again
-                log.warning("WAL checkpoint failed: %s", exc)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next round tries again
+            log.warning("WAL checkpoint failed: %s", exc)
 
 
 def _run_jobs(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Outcome]:
