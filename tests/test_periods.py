@@ -292,8 +292,6 @@ async def test_cli_resets_run_beside_a_live_daemon(daemon):
     assert len(await history(daemon)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="policyd/store/counters.py freeze_months overwrites a "
-                   "frozen month with a late row's total instead of adding to it (reported)")
 async def test_a_late_count_for_a_frozen_month_adds_to_its_history(daemon):
     await daemon.domain("example.com")
     await add_counts(daemon, "2026-01-31", 7)

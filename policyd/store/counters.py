@@ -129,13 +129,22 @@ def close_days(conn: sqlite3.Connection, today: str) -> int:
 
 
 def freeze_months(conn: sqlite3.Connection, this_month: str, now: str) -> int:
-    """Copy every ended month's totals into history, then drop those rows. Idempotent."""
+    """Move every ended month's totals into history, then drop those rows. Idempotent.
+
+    A month frozen before can get a late count (a request that took its period keys just
+    before midnight, a CLI job beside the daemon): that row is added to the history, never
+    written over it. The rows are deleted in the same transaction, so nothing counts twice.
+    """
     frozen = conn.execute(
         "INSERT INTO monthly_history (domain_id, period, sent, bytes, bounces, complaints, "
         "frozen_at) SELECT domain_id, period, sent, bytes, bounces, complaints, ? "
         "FROM counters WHERE kind = 'month' AND period < ? "
-        "ON CONFLICT (domain_id, period) DO UPDATE SET sent = excluded.sent, "
-        "bytes = excluded.bytes, bounces = excluded.bounces, complaints = excluded.complaints",
+        "ON CONFLICT (domain_id, period) DO UPDATE SET "
+        "sent = monthly_history.sent + excluded.sent, "
+        "bytes = monthly_history.bytes + excluded.bytes, "
+        "bounces = monthly_history.bounces + excluded.bounces, "
+        "complaints = monthly_history.complaints + excluded.complaints, "
+        "frozen_at = excluded.frozen_at",
         (now, this_month)).rowcount
     conn.execute("DELETE FROM counters WHERE kind = 'month' AND period < ?", (this_month,))
     return frozen
