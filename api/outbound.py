@@ -7,7 +7,7 @@ from aiohttp import web
 
 from api.common import json_body, normalised, only, opt_bool, require_master, runtime_of, scope_of
 from api.domains import domain_name, show
-from policyd import jobs, outbound
+from policyd import feedback, jobs, outbound
 from policyd.errors import Invalid
 from policyd.names import normalize_domain
 from policyd.store import counters
@@ -49,7 +49,8 @@ async def increment(request: web.Request) -> web.Response:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_UNITS:
             raise Invalid(f"{field} must be an integer from {low} to {MAX_UNITS}")
     day, month = rt.periods.keys(utcnow())
-    result = await rt.store.write(outbound.increment, scope, name, count, nbytes, day, month)
+    result = await rt.store.write(outbound.increment, scope, name, count, nbytes, day, month,
+                                  feedback.thresholds(rt))
     reply = {"allowed": result.allowed, "sent_today": result.sent_today,
              "sent_month": result.sent_month}
     if result.reason:

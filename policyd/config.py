@@ -150,6 +150,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "reset_interval": (_positive_float, "3600"),
         "purge_interval": (_positive_float, "86400"),
         "notify_interval": (_positive_float, "30"),
+        "sweep_interval": (_positive_float, "60"),
     },
 }
 
@@ -238,6 +239,7 @@ class SchedulerConfig:
     reset_interval: float
     purge_interval: float
     notify_interval: float
+    sweep_interval: float
 
 
 _SECTIONS: dict[str, type] = {

@@ -86,6 +86,21 @@ def guillotine(conn: sqlite3.Connection, name: str, totals: counters.Totals,
     return True
 
 
+def thresholds(rt: Runtime) -> Thresholds:
+    """The guillotine's configured rate and minimum volume."""
+    return Thresholds(rt.config.outbound.bounce_rate_limit, rt.config.outbound.bounce_min_sent)
+
+
+def sweep(conn: sqlite3.Connection, day: str, month: str, limits: Thresholds) -> list[str]:
+    """Apply the guillotine to every active domain with bounces this month.
+
+    Feedback is checked when it arrives; this catches a domain whose bounces came while it
+    was still under bounce_min_sent and whose sending has since crossed it.
+    """
+    return [name for name, totals in counters.bounced_active(conn, day, month)
+            if guillotine(conn, name, totals, limits)]
+
+
 def _refusal(exc: SnsError) -> PolicydError:
     """The API error for a failed check: 400 malformed, 503 retryable, 403 not genuine."""
     if exc.reason == "bad_envelope":
@@ -123,7 +138,7 @@ async def handle_sns(rt: Runtime, body: bytes) -> dict[str, object]:
         rt.metrics.webhooks.labels("unsubscribe").inc()
         return {"status": "logged"}
     day, month = rt.periods.keys(utcnow())
-    limits = Thresholds(rt.config.outbound.bounce_rate_limit, rt.config.outbound.bounce_min_sent)
+    limits = thresholds(rt)
     result = await rt.store.write(count_events, msg["MessageId"], mail_events(msg), day, month,
                                   limits)
     rt.metrics.webhooks.labels("duplicate" if result.duplicate else "counted").inc()

@@ -6,7 +6,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from policyd import outbound, retention, sesflow
+from policyd import feedback, outbound, retention, sesflow
 from policyd.runtime import Runtime
 from policyd.store import counters
 from policyd.store import domains as domain_store
@@ -60,6 +60,17 @@ def _purge_one(rt: Runtime, name: str, days: int, local_parts: list[str]) -> dic
         cutoff = utcnow() - timedelta(days=days)
         report = retention.purge_maildir(mail.maildir_root, name, local_parts, cutoff)
     return {**report.as_dict(), "retention_days": days}
+
+
+async def guillotine_sweep(rt: Runtime) -> list[str]:
+    """Block every domain whose month's bounce rate has reached the limit."""
+    day, month = rt.periods.keys(utcnow())
+    blocked = await rt.store.write(feedback.sweep, day, month, feedback.thresholds(rt))
+    if blocked:
+        log.warning("guillotine sweep blocked: %s", ", ".join(blocked))
+        if rt.notifier is not None:
+            rt.notifier.wake()
+    return blocked
 
 
 async def ses_poll(rt: Runtime) -> dict[str, int]:

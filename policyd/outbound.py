@@ -5,7 +5,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from policyd import policy
+from policyd import feedback, policy
 from policyd.errors import Forbidden, Invalid, NotFound
 from policyd.store import counters
 from policyd.store.domains import Domain, get_domain, update_fields
@@ -168,8 +168,13 @@ class IncrementResult:
 
 
 def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nbytes: int,
-              day: str, month: str) -> IncrementResult:
-    """The REST twin of the policy path: the same checks and one atomic, conditional add."""
+              day: str, month: str,
+              limits: feedback.Thresholds | None = None) -> IncrementResult:
+    """The REST twin of the policy path: the same checks and one atomic, conditional add.
+
+    With limits, the guillotine looks at the domain once the count is in: bounces that came
+    while it sent too little to judge count as soon as its volume is enough.
+    """
     domain = get_domain(conn, scope, name)
     found = counters.domain_facts(conn, domain.name, day, month)
     if found is None:  # cannot happen inside this transaction; never an assert (python -O)
@@ -182,6 +187,9 @@ def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nby
         counters.add(conn, domain_id, day, month, count, nbytes)
         usage = policy.Usage(usage.sent_today + count, usage.sent_month + count,
                              usage.bytes_month + nbytes)
+        if limits is not None:
+            feedback.guillotine(conn, domain.name, counters.totals(conn, domain_id, day, month),
+                                limits)
     return IncrementResult(allowed, usage.sent_today, usage.sent_month, reason)
 
 

@@ -31,6 +31,7 @@ class Scheduler:
             ("reset-monthly", cfg.scheduler.reset_interval, lambda: jobs.reset(rt, "month")),
             ("purge-retention", cfg.scheduler.purge_interval, lambda: jobs.purge_retention(rt)),
             ("housekeeping", cfg.scheduler.purge_interval, lambda: jobs.housekeeping(rt)),
+            ("guillotine-sweep", cfg.scheduler.sweep_interval, lambda: jobs.guillotine_sweep(rt)),
         ]
         for name, interval, job in plan:
             self._tasks.append(asyncio.create_task(self._every(name, interval, job), name=name))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from policyd import jobs
 from policyd.store import notifications as outbox
 from tests.conftest import MASTER, Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running
@@ -307,6 +308,29 @@ async def test_below_minimum_volume_never_blocks(world: World) -> None:
     assert await rcpt_check(world) == "DUNNO"
     assert await world.daemon.rt.store.read(outbox.entries) == []
     assert [e for e in await audit_of(world) if e["action"] == "outbound.guillotine"] == []
+
+
+async def test_crossing_the_minimum_volume_later_blocks(world: World) -> None:
+    """Bounces that came while the domain sent too little count once its volume is enough."""
+    await world.send(50)
+    await world.post(world.bounce(*(f"r{i}@x.org" for i in range(10))))
+    assert (await world.outbound())["status"] == "active"
+    await world.send(50)  # the master's REST increment: 100 sent, 10% bounced
+    assert (await world.outbound())["status"] == "blocked"
+    assert (await rcpt_check(world)).startswith("REJECT 5.7.1")
+
+
+async def test_the_sweep_blocks_mail_counted_through_the_policy_port(world: World) -> None:
+    await world.send(50)
+    await world.post(world.bounce(*(f"r{i}@x.org" for i in range(10))))
+    client = await world.daemon.policy()
+    for _ in range(50):  # counted by the policy server, which does not judge bounce rates
+        assert await client.ask(**outbound(SENDER)) == "DUNNO"
+    await client.close()
+    assert (await world.outbound())["status"] == "active"
+    assert await jobs.guillotine_sweep(world.daemon.rt) == [DOMAIN]
+    assert (await world.outbound())["status"] == "blocked"
+    assert await jobs.guillotine_sweep(world.daemon.rt) == []  # already blocked: once
 
 
 async def test_a_stalled_partner_never_delays_the_webhook(world: World) -> None:

@@ -116,6 +116,15 @@ def totals(conn: sqlite3.Connection, domain_id: int, day: str, month: str) -> To
     return Totals(d[0] if d else 0, m[0], m[1], m[2], m[3])
 
 
+def bounced_active(conn: sqlite3.Connection, day: str, month: str) -> list[tuple[str, Totals]]:
+    """Domains still sending with bounces this month, and their totals (guillotine sweep)."""
+    rows = conn.execute(
+        "SELECT d.name, d.id FROM counters c JOIN domains d ON d.id = c.domain_id "
+        "WHERE c.kind = 'month' AND c.period = ? AND c.bounces > 0 AND d.out_status = 'active' "
+        "ORDER BY d.name", (month,)).fetchall()
+    return [(name, totals(conn, domain_id, day, month)) for name, domain_id in rows]
+
+
 def zero_current(conn: sqlite3.Connection, domain_id: int, kind: str, period: str) -> None:
     """Zero the running period of one domain (a manual reset)."""
     conn.execute("UPDATE counters SET sent = 0, bytes = 0, bounces = 0, complaints = 0 "
