@@ -114,6 +114,8 @@ def _check_config(config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `policyd` command."""
     args = _parser().parse_args(argv)
+    # one line per policy decision: skip record fields the format never shows
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -96,6 +96,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "path": (_text, "./policyd.sqlite3"),
         "synchronous": (_choice("NORMAL", "FULL"), "NORMAL"),
         "busy_timeout": (_positive_float, "5"),
+        "write_on_loop": (_bool, "true"),
     },
     "policy": {
         "listen": (_host_port, "127.0.0.1:10040"),
@@ -167,6 +168,7 @@ class DatabaseConfig:
     path: str
     synchronous: str
     busy_timeout: float
+    write_on_loop: bool
 
 
 @dataclass(frozen=True)
