@@ -5,6 +5,7 @@ import asyncio
 import logging
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +69,13 @@ class SesStatus:
     dkim_tokens: tuple[str, ...]
 
 
+# boto3 is pure Python and holds the GIL while it builds and parses requests: calls share
+# one thread, so a burst of SES work competes with the event loop from one thread, not many.
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ses")
+
+
 class SesClient:
-    """Async facade over a boto3 `ses` client; every call runs in a worker thread."""
+    """Async facade over a boto3 `ses` client; every call runs in the SES worker thread."""
 
     def __init__(
         self,
@@ -90,7 +96,7 @@ class SesClient:
 
     async def boto_client(self) -> Any:
         """Return the underlying boto3 client, built once (tests attach a Stubber or hooks)."""
-        return await asyncio.to_thread(self._get_client)
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._get_client)
 
     async def verify_domain(self, domain: str) -> SesIdentity:
         """Start (or restart) verification of a domain and its Easy DKIM tokens."""
@@ -123,7 +129,8 @@ class SesClient:
         """Run one SES operation in a thread, retrying throttling with exponential backoff."""
         for attempt in range(1, self._max_attempts + 1):
             try:
-                return await asyncio.to_thread(self._invoke, operation, params)
+                return await asyncio.get_running_loop().run_in_executor(
+                    _EXECUTOR, self._invoke, operation, params)
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "Unknown")
                 if code not in THROTTLING_CODES:
