@@ -205,17 +205,23 @@ async def get_retention(request: web.Request) -> web.Response:
     return web.json_response({"domain": view["name"], "retention_days": view["retention_days"]})
 
 
-async def put_retention(request: web.Request) -> web.Response:
-    """PUT /domains/{name}/retention (master)."""
+async def _put_master_number(request: web.Request, field: str, column: str, action: str,
+                             hint: str, **bounds: int) -> None:
+    """Set one nullable number of a domain from a master-only PUT {field: n or null}."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
     body = await json_body(request)
-    only(body, ("retention_days",))
-    if "retention_days" not in body:
-        raise Invalid("retention_days is required (a number of days, or null)")
-    days = opt_int(body, "retention_days", minimum=1, maximum=36500)
-    await rt.store.write(store.update_fields, scope, name, {"retention_days": days},
-                         "domain.retention")
+    only(body, (field,))
+    if field not in body:
+        raise Invalid(f"{field} is required ({hint}, or null)")
+    value = opt_int(body, field, **bounds)
+    await rt.store.write(store.update_fields, scope, name, {column: value}, action)
+
+
+async def put_retention(request: web.Request) -> web.Response:
+    """PUT /domains/{name}/retention (master)."""
+    await _put_master_number(request, "retention_days", "retention_days", "domain.retention",
+                             "a number of days", minimum=1, maximum=36500)
     return await get_retention(request)
 
 
@@ -227,17 +233,9 @@ async def get_transfer(request: web.Request) -> web.Response:
 
 async def put_transfer(request: web.Request) -> web.Response:
     """PUT /domains/{name}/transfer (master)."""
-    rt, scope = runtime_of(request), require_master(request)
-    name = domain_name(request)
-    body = await json_body(request)
-    only(body, ("monthly_limit_bytes",))
-    if "monthly_limit_bytes" not in body:
-        raise Invalid("monthly_limit_bytes is required (bytes, or null)")
-    limit = opt_int(body, "monthly_limit_bytes")
-    await rt.store.write(store.update_fields, scope, name, {"transfer_limit_bytes": limit},
-                         "domain.transfer")
+    await _put_master_number(request, "monthly_limit_bytes", "transfer_limit_bytes",
+                             "domain.transfer", "bytes")
     return await get_transfer(request)
-
 
 ROUTES = [
     web.post("/domains/", create), web.post("/domains", create),
