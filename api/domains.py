@@ -237,6 +237,7 @@ async def put_transfer(request: web.Request) -> web.Response:
                              "domain.transfer", "bytes")
     return await get_transfer(request)
 
+
 ROUTES = [
     web.post("/domains/", create), web.post("/domains", create),
     web.get("/domains/", list_), web.get("/domains", list_),
