@@ -122,20 +122,24 @@ def to_request(attrs: dict[str, str]) -> PolicyRequest:
     sender = normalize_address(get("sender", ""))
     recipient = normalize_address(get("recipient", ""))
     sasl_username = get("sasl_username", "").strip().lower()
+    sender_domain = domain_of(sender)
+    # Hot path (once per request): the login is usually the sender address itself, whose
+    # domain is already normalised, and the fields go in positionally (a frozen dataclass'
+    # keyword __init__ costs a microsecond more). Same values as domain_of() on each.
     return PolicyRequest(
-        request=get("request", ""),
-        protocol_state=get("protocol_state", "").upper(),
-        sender=sender,
-        sender_domain=domain_of(sender),
-        recipient=recipient,
-        recipient_domain=domain_of(recipient),
-        recipient_count=parse_count(get("recipient_count", "")),
-        size=parse_count(get("size", "")),
-        sasl_username=sasl_username,
-        sasl_domain=domain_of(sasl_username),
-        client_address=get("client_address", ""),
-        instance=get("instance", ""),
-        queue_id=get("queue_id", ""),
+        get("request", ""),  # request
+        get("protocol_state", "").upper(),  # protocol_state
+        sender,
+        sender_domain,
+        recipient,
+        domain_of(recipient) if recipient else "",  # recipient_domain
+        parse_count(get("recipient_count", "")),  # recipient_count
+        parse_count(get("size", "")),  # size
+        sasl_username,
+        sender_domain if sasl_username == sender else domain_of(sasl_username),  # sasl_domain
+        get("client_address", ""),  # client_address
+        get("instance", ""),  # instance
+        get("queue_id", ""),  # queue_id
     )
 
 
