@@ -39,13 +39,3 @@ async def hash_password(value: object, rounds: int | None = None) -> str:
     raw = check_password(value)
     cost = ROUNDS if rounds is None else rounds  # read at call time: tests may lower it
     return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, _hash, raw, cost)
-
-
-def verify_password(value: str, stored: str) -> bool:
-    """Check a password against a stored hash (blocking: call in a thread)."""
-    if not stored.startswith(SCHEME):
-        return False
-    try:
-        return bcrypt.checkpw(value.encode("utf-8"), stored[len(SCHEME):].encode("ascii"))
-    except (UnicodeError, ValueError):  # not encodable, or not a bcrypt hash
-        return False

@@ -102,11 +102,6 @@ def list_domains(conn: sqlite3.Connection, scope: Scope, limit: int,
     return [_row(r) for r in rows]
 
 
-def domains_by_names(conn: sqlite3.Connection, names: list[str]) -> list[Domain]:
-    """Unscoped lookup of several domains (internal jobs)."""
-    found = (find_domain(conn, name) for name in names)
-    return [d for d in found if d is not None]
-
 
 def _wildcard_parent(conn: sqlite3.Connection, name: str) -> tuple[int, int | None, str] | None:
     """(id, partner_id, ses_status) of the nearest existing wildcard ancestor of name."""

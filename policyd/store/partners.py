@@ -50,14 +50,6 @@ def list_partners(conn: sqlite3.Connection, limit: int, offset: int) -> list[Par
     return [Partner(*r) for r in rows]
 
 
-def notify_target(conn: sqlite3.Connection, partner_id: int) -> tuple[str | None, str]:
-    """(notify_url, notify_secret) of a partner, for signing notifications."""
-    row = conn.execute("SELECT notify_url, notify_secret FROM partners WHERE id = ?",
-                       (partner_id,)).fetchone()
-    if row is None:
-        raise NotFound(f"partner {partner_id} not found")
-    return row[0], row[1]
-
 
 def create_partner(conn: sqlite3.Connection, scope: Scope,
                    fields: dict[str, Any]) -> tuple[Partner, str]:
