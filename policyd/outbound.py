@@ -180,7 +180,7 @@ def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nby
     if found is None:  # cannot happen inside this transaction; never an assert (python -O)
         raise NotFound(f"domain {name} not found")
     domain_id, facts, usage = found
-    refusal = _refusal(facts)
+    refusal = policy.domain_refusal(facts)
     reason = refusal or policy.over_limit(usage, count, nbytes, facts)
     allowed = refusal is None and (reason is None or facts.enforcement != "hard")
     if allowed:
@@ -191,17 +191,6 @@ def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nby
             feedback.guillotine(conn, domain.name, counters.totals(conn, domain_id, day, month),
                                 limits)
     return IncrementResult(allowed, usage.sent_today, usage.sent_month, reason)
-
-
-def _refusal(facts: policy.DomainFacts) -> str | None:
-    """Why a domain may not send at all (policy._refusal's order), or None."""
-    if facts.status != "active":
-        return "suspended"
-    if not policy.ses_verified(facts):
-        return "ses_unverified"
-    if facts.out_status != "active":
-        return "blocked" if facts.out_status == "blocked" else "out_suspended"
-    return None
 
 
 def reset_current(conn: sqlite3.Connection, scope: Scope, name: str, kind: str, day: str,

@@ -126,21 +126,31 @@ def _not_hosted(sender_domain: str) -> Decision:
     return Decision(f"REJECT 5.7.1 Sender domain {shown} is not hosted here", "not_hosted")
 
 
+def domain_refusal(d: DomainFacts) -> str | None:
+    """Why a hosted domain may not send at all, in SPEC §6 order (a reason), or None."""
+    if d.status != "active":
+        return "suspended"
+    if not ses_verified(d):
+        return "ses_unverified"
+    if d.out_status != "active":
+        return "blocked" if d.out_status == "blocked" else "out_suspended"
+    return None
+
+
 def _refusal(d: DomainFacts, facts: Facts) -> Decision | None:
     """The non-quota outbound refusals, in SPEC §6 order; None when none applies."""
     if facts.login_partner_known and facts.login_partner_id != d.partner_id:
         text = f"REJECT 5.7.1 Sender domain {d.name} does not belong to the authenticated user"
         return Decision(text, "login_mismatch")
-    if d.status != "active":
-        return Decision(f"DEFER 4.7.1 Domain {d.name} is suspended, try again later", "suspended")
-    if not ses_verified(d):
+    reason = domain_refusal(d)
+    if reason is None:
+        return None
+    if reason == "suspended":
+        return Decision(f"DEFER 4.7.1 Domain {d.name} is suspended, try again later", reason)
+    if reason == "ses_unverified":
         return Decision(f"REJECT 5.7.1 Sender domain {d.name} is not verified for sending",
-                        "ses_unverified")
-    if d.out_status != "active":
-        if d.out_status == "blocked":
-            return Decision(f"REJECT 5.7.1 Outbound mail from {d.name} is blocked", "blocked")
-        return Decision(f"REJECT 5.7.1 Outbound mail from {d.name} is suspended", "out_suspended")
-    return None
+                        reason)
+    return Decision(f"REJECT 5.7.1 Outbound mail from {d.name} is {d.out_status}", reason)
 
 
 def _quota(req: PolicyRequest, usage: Usage, d: DomainFacts, *, counting: bool) -> Decision:
