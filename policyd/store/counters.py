@@ -56,17 +56,6 @@ def domains_facts(conn: sqlite3.Connection, names: Iterable[str], day: str,
     return {r[1]: _found(r) for r in rows}
 
 
-def add(conn: sqlite3.Connection, domain_id: int, day: str, month: str, sent: int,
-        nbytes: int) -> None:
-    """Add to the day and month counters of a domain in one statement."""
-    conn.execute(
-        "INSERT INTO counters (domain_id, kind, period, sent, bytes) VALUES "
-        "(?1, 'day', ?2, ?4, ?5), (?1, 'month', ?3, ?4, ?5) "
-        "ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-        "sent = sent + excluded.sent, bytes = bytes + excluded.bytes",
-        (domain_id, day, month, sent, nbytes))
-
-
 _UPSERT = ("ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
            "sent = sent + excluded.sent, bytes = bytes + excluded.bytes")
 _ADD_JSON = (
@@ -82,6 +71,12 @@ MAX_VALUES_ROWS = 256  # more domains than this in one batch: the (slower) JSON 
 def _add_values(domains: int) -> str:
     rows = ", ".join(["(?, 'day', ?, ?, ?), (?, 'month', ?, ?, ?)"] * domains)
     return f"INSERT INTO counters (domain_id, kind, period, sent, bytes) VALUES {rows} {_UPSERT}"
+
+
+def add(conn: sqlite3.Connection, domain_id: int, day: str, month: str, sent: int,
+        nbytes: int) -> None:
+    """Add to the day and month counters of one domain in one statement."""
+    add_many(conn, [(domain_id, day, month, sent, nbytes)])
 
 
 def add_many(conn: sqlite3.Connection, counts: list[tuple[int, str, str, int, int]]) -> None:
