@@ -508,7 +508,7 @@ def test_parse_request_long_lines_and_crlf() -> None:
 
 # --- the store's batch path, as the policy service uses it -------------------------------
 
-def _record(conn: sqlite3.Connection, values: list[str]) -> list[str]:
+def _record(conn: sqlite3.Connection, values: list[str], continued: bool) -> list[str]:
     """A batch function: one insert of all its values (its one write, last). A bare table
     write, not a store factory: this tests the store's batching, not its data."""
     rows = ", ".join(["(?, 'now')"] * len(values))
@@ -516,7 +516,7 @@ def _record(conn: sqlite3.Connection, values: list[str]) -> list[str]:
     return [f"ok {v}" for v in values]
 
 
-def _refuse(conn: sqlite3.Connection, values: list[str]) -> list[str]:
+def _refuse(conn: sqlite3.Connection, values: list[str], continued: bool) -> list[str]:
     raise ValueError("refused")
 
 

@@ -19,10 +19,15 @@ loop is a few tens of microseconds of SQLite work per batch.
 
 submit_batched() is the hot path's other half: consecutive submissions of one batch function
 are run by a single call that gets all their arguments (one fact query and one counter upsert
-for a burst of policy requests), without a savepoint (its one write is one statement, its last:
+for a burst of policy requests), and whether nothing but that function's own committed runs has
+written to the database since its last run (so what it read then, plus what it wrote, is still
+true: a cache it may keep), without a savepoint (its one write is one statement, its last:
 SQLite undoes a failed statement by itself), and it answers through a callback called on the
 loop as soon as the batch commits, not a future (a future's waiter only runs one loop turn
-later). A job submitted with a budget that has not started when the budget runs out is
+later). To make batches bigger than one turn's worth, a turn that ends with only jobs of a
+busy hot path (the last batch had several) lingers for one more turn: requests read in that
+turn join the batch, for one more epoll call (a few microseconds) instead of one more commit.
+A job submitted with a budget that has not started when the budget runs out is
 abandoned: its caller gets TimeoutError and it never runs, so an answer given without it is
 never contradicted by an effect committed later.
 
@@ -49,6 +54,7 @@ T = TypeVar("T")
 A = TypeVar("A")
 Done = Callable[[Any, BaseException | None], None]  # done(result, error), called once
 Outcome = tuple["_Job", Any, BaseException | None]
+BatchFn = Callable[[sqlite3.Connection, list[Any], bool], list[Any]]
 MAX_BATCH = 512
 CHECKPOINT_EVERY = 1000  # commits between WAL checkpoints (SQLite's default: 1000 pages)
 
@@ -178,6 +184,11 @@ class Store:
         self._busy_ms = int(busy_timeout * 1000)
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         self._pending: list[_Job] = []  # submitted in this turn of the loop, not yet handed over
+        self._linger = False  # the hot path is busy: let the next batch wait one more turn
+        # The batch function whose committed run is the last write to the database (nothing
+        # else since, in this process or another: see PRAGMA data_version), else None.
+        self._last_writer: BatchFn | None = None
+        self._data_version: int | None = None
         self._conn: sqlite3.Connection | None = None  # the write connection
         self._lock = threading.Lock()  # held by whoever uses the write connection
         # batches of submit_batched() run on the loop (see above); FULL fsyncs every commit
@@ -239,14 +250,16 @@ class Store:
         self._enqueue(_Job(fn, args, lambda r, e: _settle(future, r, e), False), None)
         return future
 
-    def submit_batched(self, fn: Callable[[sqlite3.Connection, list[A]], list[T]], arg: A,
-                       done: Callable[[T | None, BaseException | None], None], *,
+    def submit_batched(self, fn: Callable[[sqlite3.Connection, list[A], bool], list[T]],
+                       arg: A, done: Callable[[T | None, BaseException | None], None], *,
                        budget: float | None = None) -> None:
         """Queue arg for fn, which is called once for a run of such submissions as
-        fn(conn, [arg, ...]) -> [result, ...]; done(result, None) or done(None, error) is
-        then called on the loop once the batch has committed (or failed, or its budget in
-        seconds ran out). fn reads first and writes with one statement, its last: if it
-        raises, every submission of the run fails."""
+        fn(conn, [arg, ...], continued) -> [result, ...]; done(result, None) or
+        done(None, error) is then called on the loop once the batch has committed (or failed,
+        or its budget in seconds ran out). fn reads first and writes with one statement, its
+        last: if it raises, every submission of the run fails. continued is True when the
+        last write to the database was fn's own previous run and it committed: nothing else
+        (no other job, connection or process) has written since. fn is compared by identity."""
         self._enqueue(_Job(fn, arg, done, True), budget)
 
     def _enqueue(self, job: _Job, budget: float | None) -> None:
@@ -261,13 +274,24 @@ class Store:
         pending = self._pending
         pending.append(job)
         if len(pending) == 1:
-            loop.call_soon(self._hand_over)
+            loop.call_soon(self._turn_over)
+
+    def _turn_over(self) -> None:
+        """The turn that queued the first pending job is over: hand the jobs over, or, when
+        the hot path is busy, wait one more turn for the requests it is about to read."""
+        if self._linger and len(self._pending) < MAX_BATCH:
+            self._linger = False
+            assert self._loop is not None
+            self._loop.call_soon(self._hand_over)
+        else:
+            self._hand_over()
 
     def _hand_over(self) -> None:
         """Run or queue every job submitted in one turn of the loop: one commit for all."""
         jobs, self._pending = self._pending, []
+        batched = [job for job in jobs if job.batched]
+        self._linger = len(batched) > 1 and len(batched) == len(jobs)
         if self._on_loop:
-            batched = [job for job in jobs if job.batched]
             if batched and self._run_on_loop(batched):
                 jobs = [job for job in jobs if not job.batched]
         if jobs:
@@ -320,8 +344,14 @@ class Store:
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Outcome]:
         """Run jobs in the open transaction and commit; if that fails, all of them fail."""
         try:
-            outcomes = _run_jobs(conn, [job for job in jobs if not job.abandoned])
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:  # another connection wrote
+                self._data_version, self._last_writer = version, None
+            outcomes, last_writer = _run_jobs(conn, [job for job in jobs if not job.abandoned],
+                                              self._last_writer)
+            self._last_writer = None  # until the commit is known to have happened
             conn.execute("COMMIT")
+            self._last_writer = last_writer
         except Exception as exc:  # the whole batch failed: nothing of it was committed
             if isinstance(exc, (sqlite3.Error, _BatchLost)):
                 log.error("database write failed: %s", exc)
@@ -399,14 +429,20 @@ class Store:
             log.warning("WAL checkpoint failed: %s", exc)
 
 
-def _run_jobs(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Outcome]:
+def _run_jobs(conn: sqlite3.Connection, jobs: list[_Job],
+              last_writer: BatchFn | None) -> tuple[list[Outcome], BatchFn | None]:
+    """Run jobs in order; also return the batch function that wrote last (None when
+    anything else wrote after it, or it failed)."""
     outcomes: list[Outcome] = []
     for (fn, batched), group in groupby(jobs, key=_group_key):
         if batched:
-            outcomes += _run_batched(conn, fn, list(group))
+            ran = _run_batched(conn, fn, list(group), fn is last_writer)
+            last_writer = fn if ran[0][2] is None else None
+            outcomes += ran
         else:
             outcomes += [_run_job(conn, job) for job in group]
-    return outcomes
+            last_writer = None
+    return outcomes, last_writer
 
 
 def _failed(jobs: list[_Job], exc: BaseException) -> list[Outcome]:
@@ -434,11 +470,11 @@ def _run_job(conn: sqlite3.Connection, job: _Job) -> Outcome:
     return job, result, None
 
 
-def _run_batched(conn: sqlite3.Connection, fn: Callable[..., list[Any]],
-                 jobs: list[_Job]) -> list[Outcome]:
+def _run_batched(conn: sqlite3.Connection, fn: BatchFn, jobs: list[_Job],
+                 continued: bool) -> list[Outcome]:
     """One call of a batch function for a run of its submissions (no savepoint needed)."""
     try:
-        results = fn(conn, [job.args for job in jobs])
+        results = fn(conn, [job.args for job in jobs], continued)
         if len(results) != len(jobs):
             raise RuntimeError(f"{len(results)} results for {len(jobs)} jobs")
     except Exception as exc:
