@@ -41,14 +41,21 @@ def add_months(month: str, delta: int) -> str:
 class Periods:
     """Day and month period keys in one time zone (ZoneInfo caches the zone data)."""
 
-    __slots__ = ("zone",)
+    __slots__ = ("zone", "_last")
 
     def __init__(self, zone_name: str) -> None:
         self.zone = ZoneInfo(zone_name)
+        # (whole second, its keys) last asked, one tuple: threads share it (the hot path asks)
+        self._last: tuple[float, tuple[str, str]] = (-1.0, ("", ""))
 
     def keys(self, moment: datetime) -> tuple[str, str]:
         """Return ('YYYY-MM-DD', 'YYYY-MM') of moment in this zone (naive moments are UTC)."""
         if moment.tzinfo is None:  # astimezone() would read a naive time as host-local
             moment = moment.replace(tzinfo=timezone.utc)
+        second = moment.timestamp() // 1  # zone offsets are whole seconds: a day starts on one
+        last = self._last
+        if second == last[0]:
+            return last[1]
         day = moment.astimezone(self.zone).strftime("%Y-%m-%d")
+        self._last = (second, (day, day[:7]))
         return day, day[:7]

@@ -300,3 +300,15 @@ async def test_a_late_count_for_a_frozen_month_adds_to_its_history(daemon):
     await add_counts(daemon, "2026-01-31", 2)
     await jobs.reset(daemon.rt, "month", now=utc("2026-02-01T00:10:00"))
     assert [(h["period"], h["sent"]) for h in await history(daemon)] == [("2026-01", 9)]
+
+
+def test_period_keys_asked_again_and_again_turn_over_at_local_midnight() -> None:
+    """Keys are kept per second (the hot path asks for every batch): the same second gives
+    the same keys, and the first second of a local day gives the new day's."""
+    periods = Periods("Pacific/Auckland")  # UTC+13 in November: midnight is 11:00 UTC
+    before = [periods.keys(utc("2026-11-30T10:59:59.100")),
+              periods.keys(utc("2026-11-30T10:59:59.900"))]
+    assert before == [("2026-11-30", "2026-11")] * 2
+    assert periods.keys(utc("2026-11-30T11:00:00.000")) == ("2026-12-01", "2026-12")
+    assert periods.keys(utc("2026-11-30T10:59:59.999")) == ("2026-11-30", "2026-11")
+    assert periods.keys(datetime(2026, 11, 30, 11, 0, 0, 500)) == ("2026-12-01", "2026-12")

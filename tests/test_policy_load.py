@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from policyd.protocol import to_request
-from policyd.service import JobOptions, PolicyJob, policy_jobs
+from policyd.service import JobOptions, PolicyBatch, PolicyJob
 from policyd.store import connect, counters, open_and_migrate
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE
@@ -97,7 +97,7 @@ def test_one_batch_decides_in_order_and_counts_in_its_own_period(tmp_path: Path)
                                   protocol_state="END-OF-MESSAGE", recipient_count="1",
                                   size="100"))
     conn.execute("BEGIN IMMEDIATE")
-    decisions = policy_jobs(conn, [PolicyJob(request, True, options) for _ in range(5)])
+    decisions = PolicyBatch()(conn, [PolicyJob(request, True, options) for _ in range(5)])
     conn.execute("COMMIT")
     assert [d.action.split(" ")[0] for d in decisions] == ["DUNNO"] * 3 + ["DEFER"] * 2
     assert counters.totals(conn, domain.id, "2026-11-30", "2026-11") == counters.Totals(

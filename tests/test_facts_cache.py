@@ -1,0 +1,189 @@
+"""The hot path keeps domain facts between batches only while nothing else writes.
+
+Part one is the store's contract (the `continued` flag a batch function gets); part two drives
+the real daemon: a decision made after an API write, another connection's write or a reset
+must see it, never the facts kept from before.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from policyd.protocol import to_request
+from policyd.service import JobOptions, PolicyBatch, PolicyJob
+from policyd.store import Store, connect, counters
+from policyd.store import domains as domain_store
+from policyd.store.scope import MASTER as MASTER_SCOPE
+from policyd.timeutil import Periods
+from tests.conftest import Daemon, outbound
+
+DOMAIN = "cached.example"
+
+
+@pytest.fixture(params=[True, False], ids=["on-loop", "thread-only"])
+async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "store.sqlite3", write_on_loop=request.param)
+    await s.open()
+    yield s
+    await s.close()
+
+
+class Recorder:
+    """A batch function that records the `continued` flag of each run (and writes a row)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.seen: list[bool] = []
+        self.fail = fail
+
+    def __call__(self, conn: sqlite3.Connection, args: list[str],
+                 continued: bool) -> list[str]:
+        self.seen.append(continued)
+        if self.fail:
+            raise ValueError("refused")
+        for value in args:
+            counters.seen_message(conn, value, "now")
+        return args
+
+
+async def run(store: Store, fn: Any, arg: str) -> Any:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    store.submit_batched(fn, arg, done)
+    return await future
+
+
+def _plain_write(conn: sqlite3.Connection, value: str) -> None:
+    counters.seen_message(conn, value, "now")
+
+
+async def test_continued_only_while_nothing_else_writes(store: Store) -> None:
+    fn, other, failing = Recorder(), Recorder(), Recorder(fail=True)
+    await run(store, fn, "a")
+    await run(store, fn, "b")
+    await store.write(_plain_write, "c")  # any other job on the write connection
+    await run(store, fn, "d")
+    await run(store, other, "e")  # another batch function
+    await run(store, fn, "f")
+    await run(store, fn, "g")
+    with sqlite3.connect(store.path) as outside:  # another connection (another process)
+        outside.execute("INSERT INTO sns_messages (message_id, received_at) VALUES ('x', 'now')")
+    outside.close()
+    await run(store, fn, "h")
+    await run(store, fn, "i")
+    with pytest.raises(ValueError):
+        await run(store, failing, "j")
+    await run(store, fn, "k")
+    assert fn.seen == [False, True, False, False, True, False, True, False]
+    assert other.seen == [False]
+
+
+async def test_a_failed_run_is_not_continued(store: Store) -> None:
+    failing = Recorder(fail=True)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            await run(store, failing, "x")
+    assert failing.seen == [False, False]
+
+
+async def test_facts_are_read_once_while_only_the_hot_path_writes(store: Store) -> None:
+    day = await store.write(_verified_domain, 0)
+    batch = PolicyBatch()
+    options = JobOptions("END-OF-MESSAGE", "hold", Periods("UTC"))
+    job = PolicyJob(to_request(outbound(f"a@{DOMAIN}", protocol_state="END-OF-MESSAGE",
+                                        recipient_count="2", size="10",
+                                        request="smtpd_access_policy")), True, options)
+    for _ in range(5):
+        assert (await run(store, batch, job)).action == "DUNNO"
+    assert batch.reads == 1
+    totals = await store.read(counters.totals, 1, *day)
+    assert (totals.sent_today, totals.sent_month, totals.bytes_month) == (10, 10, 100)
+    await store.write(_plain_write, "other")
+    assert (await run(store, batch, job)).action == "DUNNO"
+    assert batch.reads == 2
+
+
+async def test_kept_usage_matches_the_database_under_concurrency(store: Store) -> None:
+    """Many requests in overlapping batches with a limit: the kept counts never drift from
+    what was committed, so exactly the limit is allowed."""
+    await store.write(_verified_domain, 37)
+    batch = PolicyBatch()
+    options = JobOptions("END-OF-MESSAGE", "hold", Periods("UTC"))
+    job = PolicyJob(to_request(outbound(f"a@{DOMAIN}", protocol_state="END-OF-MESSAGE",
+                                        request="smtpd_access_policy")), True, options)
+    replies = []
+    for _ in range(10):
+        replies += await asyncio.gather(*(run(store, batch, job) for _ in range(7)))
+        await asyncio.sleep(0)
+    assert sum(r.action == "DUNNO" for r in replies) == 37
+    day, month = Periods("UTC").keys(options.now())
+    assert (await store.read(counters.totals, 1, day, month)).sent_today == 37
+
+
+def _verified_domain(conn: sqlite3.Connection, daily: int) -> tuple[str, str]:
+    domain_store.create_domain(conn, MASTER_SCOPE, DOMAIN, None, "standard",
+                               (daily or None, None))
+    domain_store.set_ses(conn, DOMAIN, status="success", dkim_status="Success", token="t",
+                         dkim_tokens=("a", "b", "c"))
+    return Periods("UTC").keys(JobOptions("", "", Periods("UTC")).now())
+
+
+# --- through the daemon -------------------------------------------------------------------
+
+async def limited(d: Daemon, daily_limit: int) -> None:
+    await d.domain(DOMAIN)
+    status, body = await d.api("PUT", f"/domains/{DOMAIN}/outbound",
+                               {"daily_limit": daily_limit})
+    assert status == 200, body
+
+
+async def test_decisions_follow_api_writes(daemon: Daemon) -> None:
+    await limited(daemon, 2)
+    client = await daemon.policy()
+    ask = lambda: client.ask(**outbound(f"a@{DOMAIN}"))  # noqa: E731
+    assert [await ask(), await ask()] == ["DUNNO", "DUNNO"]
+    assert (await ask()).startswith("DEFER 4.7.1")
+    status, body = await daemon.api("POST", "/outbound/reset-daily",
+                                    {"domain": DOMAIN, "current": True})
+    assert status == 200, body
+    assert await ask() == "DUNNO"  # the reset is seen: not the 2 counted before it
+    status, _ = await daemon.api("PUT", f"/domains/{DOMAIN}/outbound", {"daily_limit": 10})
+    assert status == 200
+    assert await ask() == "DUNNO"
+    status, _ = await daemon.api("PUT", f"/domains/{DOMAIN}/suspend")
+    assert status == 200
+    assert (await ask()).startswith("DEFER 4.7.1")
+    status, _ = await daemon.api("PUT", f"/domains/{DOMAIN}/activate")
+    assert status == 200
+    assert await ask() == "DUNNO"
+    status, stats = await daemon.api("GET", f"/domains/{DOMAIN}/outbound")
+    assert stats["sent_today"] == 3
+    await client.close()
+
+
+async def test_decisions_follow_writes_of_another_process(daemon: Daemon) -> None:
+    await limited(daemon, 5)
+    client = await daemon.policy()
+    ask = lambda: client.ask(**outbound(f"a@{DOMAIN}"))  # noqa: E731
+    assert await ask() == "DUNNO"
+    outside = connect(daemon.rt.store.path)  # e.g. a `policyd` CLI command, or sqlite3
+    try:
+        outside.execute("UPDATE domains SET out_status = 'blocked' WHERE name = ?", (DOMAIN,))
+        action = await ask()
+        assert action.startswith("REJECT 5.7.1") and "blocked" in action
+        outside.execute("UPDATE domains SET out_status = 'active' WHERE name = ?", (DOMAIN,))
+        assert await ask() == "DUNNO"
+        outside.execute("UPDATE counters SET sent = 5 WHERE kind = 'day'")
+        assert (await ask()).startswith("DEFER 4.7.1")
+    finally:
+        outside.close()
+    await client.close()
