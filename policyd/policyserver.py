@@ -163,6 +163,11 @@ class _Conn(asyncio.Protocol):
         the size cap is StreamReader.readuntil's (limit MAX_REQUEST)."""
         buffer = self._buffer
         end = buffer.find(b"\n\n")
+        size = 2
+        if b"\r" in buffer:  # CRLF line ends: the empty line may be "\r\n"
+            crlf = buffer.find(b"\n\r\n")
+            if crlf >= 0 and (end < 0 or crlf < end):
+                end, size = crlf, 3
         if end < 0:
             if len(buffer) - 1 > MAX_REQUEST:
                 self._bad(f"request over {MAX_REQUEST} bytes")
@@ -170,7 +175,7 @@ class _Conn(asyncio.Protocol):
         if end > MAX_REQUEST:
             self._bad(f"request over {MAX_REQUEST} bytes")
             return None
-        end += 2
+        end += size
         if end == len(buffer):  # the usual case: one request per read
             self._buffer = b""
             return buffer

@@ -97,6 +97,24 @@ async def test_many_requests_on_one_connection_which_stays_open(daemon: Daemon) 
     await client.close()
 
 
+async def test_crlf_client_gets_replies_on_a_kept_connection(daemon: Daemon) -> None:
+    """Postfix sends LF, but a hand-written client or test tool may send CRLF: each request
+    ends at its empty line ("\\r\\n") and is answered, the connection stays open."""
+    await daemon.domain("example.com")
+    reader, writer = await raw(daemon.policy_port)
+    crlf = request_bytes(**outbound("a@example.com")).replace(b"\n", b"\r\n")
+    writer.write(crlf)
+    assert await asyncio.wait_for(reader.readuntil(b"\n\n"), EOF_WAIT) == b"action=DUNNO\n\n"
+    writer.write(crlf[:40])  # split across reads, and a second request in one write
+    await asyncio.sleep(0.01)
+    writer.write(crlf[40:] + crlf)
+    for _ in range(2):
+        assert await asyncio.wait_for(reader.readuntil(b"\n\n"), EOF_WAIT) == \
+            b"action=DUNNO\n\n"
+    assert (await outbound_stats(daemon, "example.com"))["sent_today"] == 3
+    writer.close()
+
+
 async def test_value_split_on_the_first_equals_sign(daemon: Daemon) -> None:
     await daemon.domain("example.com")
     client = await daemon.policy()
