@@ -8,6 +8,12 @@ create mailboxes (bcrypt, cost 12) and domains (each an SES VerifyDomainIdentity
 VerifyDomainDkim through boto3). Prints p50/p99/max of both phases and their ratio.
 
     .venv/bin/python bench/stress_bench.py --rate 1000 --duration 10 --workers 2,8
+    .venv/bin/python bench/stress_bench.py --rate 1000 --duration 10 --workers 2 --api-rate 10
+
+Without --api-rate the API clients call as fast as replies come (a saturating load: on a
+2-core machine they, the moto server and the load generator take every core); with it they
+pace themselves to that many calls a second in all. --mix picks what they do: half of them
+hash passwords and half create domains (both, the default), or all of them one of the two.
 """
 from __future__ import annotations
 
@@ -59,16 +65,23 @@ def result_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-async def api_work(api: str, token: str, stop_at: float, workers: int) -> dict[str, int]:
-    """Create mailboxes (bcrypt) and domains (SES) until stop_at; counts of each."""
+async def api_work(api: str, token: str, stop_at: float, workers: int,
+                   api_rate: float = 0, mix: str = "both") -> dict[str, int]:
+    """Create mailboxes (bcrypt) and domains (SES) until stop_at, each worker at
+    api_rate / workers calls a second (0: back to back); counts of each."""
     headers = {"Authorization": f"Bearer {token}"}
     done = {"mailboxes": 0, "domains": 0, "errors": 0}
     async with aiohttp.ClientSession(api, headers=headers) as http:
         async def worker(n: int) -> None:
             i = 0
+            interval = workers / api_rate if api_rate else 0.0
+            next_at = time.monotonic() + interval * n / workers
             while time.monotonic() < stop_at:
+                if interval:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    next_at += interval
                 i += 1
-                if n % 2:
+                if mix == "ses" or (mix == "both" and n % 2):
                     body = {"name": f"s{workers}-{n}-{i}.stress.test"}
                     path, kind = "/domains/", "domains"
                 else:
@@ -82,12 +95,13 @@ async def api_work(api: str, token: str, stop_at: float, workers: int) -> dict[s
 
 
 def phase(port: int, api: str, token: str, rate: float, duration: float,
-          workers: int) -> dict[str, Any]:
+          workers: int, api_rate: float, mix: str) -> dict[str, Any]:
     """One measured phase, quiet or with API work running for its whole duration."""
     label = f"busy({workers})" if workers else "quiet"
     proc = offered_load(port, rate, duration, label)
-    work = (asyncio.run(api_work(api, token, time.monotonic() + duration, workers)) if workers
-            else {})
+    work = (asyncio.run(api_work(api, token, time.monotonic() + duration, workers, api_rate,
+                                  mix))
+            if workers else {})
     return {"phase": label, **result_of(proc), "api": work}
 
 
@@ -98,6 +112,10 @@ def main() -> None:
     p.add_argument("--workers", default="2,8",
                    help="API clients per busy phase (half hash passwords, half create "
                         "domains through SES), comma list")
+    p.add_argument("--api-rate", type=float, default=0,
+                   help="API calls per second over all clients (0: back to back)")
+    p.add_argument("--mix", choices=("both", "hash", "ses"), default="both",
+                   help="what the API clients do: half each, or all hash, or all SES")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -116,7 +134,8 @@ def main() -> None:
         try:
             api = f"http://127.0.0.1:{api_port}"
             levels = [0] + [int(w) for w in a.workers.split(",")]
-            runs = [phase(policy_port, api, token, a.rate, a.duration, workers)
+            runs = [phase(policy_port, api, token, a.rate, a.duration, workers, a.api_rate,
+                          a.mix)
                     for workers in levels]
         finally:
             server.stop()
