@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -187,3 +188,41 @@ async def test_decisions_follow_writes_of_another_process(daemon: Daemon) -> Non
     finally:
         outside.close()
     await client.close()
+
+
+async def test_wal_starts_over_under_steady_writes(store: Store,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints run beside a steady stream of hot-path commits, and the WAL still starts
+    over after them (its header's checkpoint sequence moves on), so it does not grow with
+    every commit, as it did when checkpoints only ran beside the writes."""
+    import policyd.store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 5)
+    wal = Path(str(store.path) + "-wal")
+    fn, restarts, stop = Recorder(), set(), False
+
+    def sequence() -> int | None:
+        try:
+            with open(wal, "rb") as f:  # WAL header: magic, version, page size, sequence
+                header = f.read(16)
+        except FileNotFoundError:
+            return None
+        return struct.unpack(">I", header[12:16])[0] if len(header) == 16 else None
+
+    async def writer(n: int) -> None:
+        for i in range(60):
+            await run(store, fn, f"{n}.{i}.{'x' * 200}")
+
+    async def watch() -> None:
+        while not stop:
+            restarts.add(sequence())
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.gather(*(writer(n) for n in range(40)))
+    stop = True
+    await watcher
+    assert store.checkpoints >= 6, store.checkpoints
+    # one sequence number per start of the WAL: the first, and one after most checkpoints
+    # (beside the writes alone: one or two in all)
+    assert len(restarts - {None}) > store.checkpoints // 2 + 1, (restarts, store.checkpoints)
