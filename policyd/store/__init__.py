@@ -10,7 +10,8 @@ readers never block the writer).
 Who runs a batch: a writer thread, except for the hot path. Handing a batch to a thread and
 the result back costs two thread wake-ups (tens of microseconds each, more than the work
 itself), so batches of policy jobs (submit_batched) run right on the event loop when that is
-sure not to block it: the lock is free (no write in progress), the database's write lock is
+sure not to block it: the lock is free (no write in progress, and the writer thread is not
+waiting for it), the database's write lock is
 free (busy_timeout 0 on this path: if another process holds it, the batch goes to the writer
 thread, which waits under the caller's time budget), a commit does not fsync (synchronous
 NORMAL; FULL always uses the thread), and no checkpoint runs on the loop (automatic checkpoints
@@ -376,7 +377,8 @@ class Store:
         conn = self._conn
         assert conn is not None
         # Checkpoints use a connection of their own: a PASSIVE checkpoint never takes the
-        # write lock, so writes (on the loop or here) go on while it copies pages and fsyncs.
+        # write lock, so writes (on the loop) go on while it copies most pages and fsyncs
+        # (see _checkpoint for the short part that does hold the write connection).
         checkpointer = connect(self.path, **self._options)
         try:
             stop = False
