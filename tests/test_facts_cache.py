@@ -96,6 +96,26 @@ async def test_a_failed_run_is_not_continued(store: Store) -> None:
     assert failing.seen == [False, False]
 
 
+def _lose_the_batch(conn: sqlite3.Connection, args: list[str], continued: bool) -> list[str]:
+    """A batch function whose failure takes the whole transaction with it (as SQLITE_FULL or
+    an I/O error would)."""
+    conn.execute("ROLLBACK")
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+async def test_not_continued_after_its_transaction_was_lost(store: Store) -> None:
+    fn = Recorder()
+    await run(store, fn, "a")
+    await run(store, fn, "b")
+    # one turn, one transaction: fn's run succeeds, then the transaction is lost
+    both = [asyncio.ensure_future(run(store, fn, "c")),
+            asyncio.ensure_future(run(store, _lose_the_batch, "x"))]
+    results = await asyncio.gather(*both, return_exceptions=True)
+    assert all(isinstance(r, Exception) for r in results), results
+    await run(store, fn, "d")  # c was never committed: what fn kept from it is void
+    assert fn.seen == [False, True, True, False]
+
+
 async def test_facts_are_read_once_while_only_the_hot_path_writes(store: Store) -> None:
     day = await store.write(_verified_domain, 0)
     batch = PolicyBatch()

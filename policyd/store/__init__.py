@@ -352,12 +352,13 @@ class Store:
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Outcome]:
         """Run jobs in the open transaction and commit; if that fails, all of them fail."""
         try:
+            # None until this commit is known to have happened (a failure leaves it so)
+            last_writer, self._last_writer = self._last_writer, None
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version != self._data_version:  # another connection wrote
-                self._data_version, self._last_writer = version, None
+                self._data_version, last_writer = version, None
             outcomes, last_writer = _run_jobs(conn, [job for job in jobs if not job.abandoned],
-                                              self._last_writer)
-            self._last_writer = None  # until the commit is known to have happened
+                                              last_writer)
             conn.execute("COMMIT")
             self._last_writer = last_writer
         except Exception as exc:  # the whole batch failed: nothing of it was committed
