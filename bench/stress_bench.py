@@ -66,7 +66,7 @@ def result_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 async def api_work(api: str, token: str, stop_at: float, workers: int,
-                   api_rate: float = 0, mix: str = "both") -> dict[str, int]:
+                   api_rate: float = 0, mix: str = "both", tag: str = "") -> dict[str, int]:
     """Create mailboxes (bcrypt) and domains (SES) until stop_at, each worker at
     api_rate / workers calls a second (0: back to back); counts of each."""
     headers = {"Authorization": f"Bearer {token}"}
@@ -82,10 +82,10 @@ async def api_work(api: str, token: str, stop_at: float, workers: int,
                     next_at += interval
                 i += 1
                 if mix == "ses" or (mix == "both" and n % 2):
-                    body = {"name": f"s{workers}-{n}-{i}.stress.test"}
+                    body = {"name": f"s{tag}{workers}-{n}-{i}.stress.test"}
                     path, kind = "/domains/", "domains"
                 else:
-                    body = {"email": f"u{workers}-{n}-{i}@d{n}.test",
+                    body = {"email": f"u{tag}{workers}-{n}-{i}@d{n}.test",
                             "password": "correct horse staple"}
                     path, kind = "/users/", "mailboxes"
                 async with http.post(path, json=body) as resp:
@@ -95,14 +95,15 @@ async def api_work(api: str, token: str, stop_at: float, workers: int,
 
 
 def phase(port: int, api: str, token: str, rate: float, duration: float,
-          workers: int, api_rate: float, mix: str) -> dict[str, Any]:
-    """One measured phase, quiet or with API work running for its whole duration."""
+          workers: int, api_rate: float, mix: str, target: str = "policyd") -> dict[str, Any]:
+    """One measured phase, quiet or with API work running for its whole duration (the API
+    is always policyd's; the policy load goes to port, policyd's or the null server's)."""
     label = f"busy({workers})" if workers else "quiet"
     proc = offered_load(port, rate, duration, label)
     work = (asyncio.run(api_work(api, token, time.monotonic() + duration, workers, api_rate,
-                                  mix))
+                                  mix, tag=target))
             if workers else {})
-    return {"phase": label, **result_of(proc), "api": work}
+    return {"phase": label, "target": target, **result_of(proc), "api": work}
 
 
 def main() -> None:
@@ -116,6 +117,9 @@ def main() -> None:
                    help="API calls per second over all clients (0: back to back)")
     p.add_argument("--mix", choices=("both", "hash", "ses"), default="both",
                    help="what the API clients do: half each, or all hash, or all SES")
+    p.add_argument("--null", action="store_true",
+                   help="then the same phases with the policy load on the null server (the "
+                        "API work still on policyd): what the machine alone does to latency")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -131,30 +135,38 @@ def main() -> None:
                               "http://%s:%d" % moto.get_host_and_port(), token)
         argv = [str(Path(sys.executable).with_name("policyd")), "serve", "--config", str(config)]
         server = Running(Target("policyd", argv, policy_port), workdir / "policyd.log")
+        null_port = free_port()
+        null = (Running(Target("null", [sys.executable, str(TOOLS / "nullpolicy.py"), "--port",
+                                        str(null_port)], null_port), workdir / "null.log")
+                if a.null else None)
         try:
             api = f"http://127.0.0.1:{api_port}"
             levels = [0] + [int(w) for w in a.workers.split(",")]
             runs = [phase(policy_port, api, token, a.rate, a.duration, workers, a.api_rate,
                           a.mix)
                     for workers in levels]
+            if null is not None:
+                runs += [phase(null_port, api, token, a.rate, a.duration, workers, a.api_rate,
+                               a.mix, "null") for workers in levels]
         finally:
             server.stop()
+            if null is not None:
+                null.stop()
             moto.stop()
     report(runs, a.out)
 
 
 def report(runs: list[dict[str, Any]], out: Path | None) -> None:
-    """Print every phase with its p99 as a ratio of the quiet phase's."""
-    quiet = runs[0]["p99_us"] or float("nan")
+    """Print every phase with its p99 as a ratio of the same server's quiet phase."""
+    quiet = {r["target"]: r["p99_us"] or float("nan") for r in runs if r["phase"] == "quiet"}
     for r in runs:
-        r["p99_x_quiet"] = round(r["p99_us"] / quiet, 2)
-        print(f"{r['phase']:>9}: {r['rps']} req/s, p50 {r['p50_us']} us, p99 {r['p99_us']} us "
-              f"({r['p99_x_quiet']}x quiet), max {r['max_us'] / 1000:.1f} ms, "
-              f"errors {r['errors']} {r['api']}")
+        r["p99_x_quiet"] = round(r["p99_us"] / quiet[r["target"]], 2)
+        print(f"{r['target']:>7} {r['phase']:>9}: {r['rps']} req/s, p50 {r['p50_us']} us, "
+              f"p99 {r['p99_us']} us ({r['p99_x_quiet']}x quiet), "
+              f"max {r['max_us'] / 1000:.1f} ms, errors {r['errors']} {r['api']}")
     print("targets: p99 within 1.2x of quiet; every reply under 250 ms (SPEC §8)")
     if out:
         out.write_text(json.dumps({"runs": runs}, indent=2))
-
 
 if __name__ == "__main__":
     main()
