@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -597,6 +598,19 @@ async def test_batch_waits_for_another_process_within_its_budget(store: Store) -
         waiting = _submit(store, _record, "waits", budget=30)
     assert await waiting == "ok waits"  # queued to the writer thread, which waited
     assert _messages(store.path) == {"waits"}  # the expired one never ran
+
+
+def _slow_record(conn: sqlite3.Connection, values: list[str], continued: bool) -> list[str]:
+    time.sleep(0.4)  # a stalled disk, say: the transaction began, its budget runs out
+    return _record(conn, values, continued)
+
+
+async def test_a_started_batch_is_answered_when_it_commits_not_timed_out(store: Store) -> None:
+    """Past its budget, a job whose transaction has begun gets its real answer once that
+    commits: a timeout answer ("try again later") for an increment being committed would
+    count the message again when Postfix retries it."""
+    assert await _submit(store, _slow_record, "slow", budget=0.1) == "ok slow"
+    assert _messages(store.path) == {"slow"}
 
 
 async def test_checkpoints_follow_commits_made_on_the_loop(

@@ -30,7 +30,9 @@ busy hot path (the last batch had several) lingers for one more turn: requests r
 turn join the batch, for one more epoll call (a few microseconds) instead of one more commit.
 A job submitted with a budget that has not started when the budget runs out is
 abandoned: its caller gets TimeoutError and it never runs, so an answer given without it is
-never contradicted by an effect committed later.
+never contradicted by an effect committed later. A job whose transaction has begun is
+answered when that commits, however late: answering it "try again later" while its increment
+is being committed would count the message twice once Postfix retries it.
 
 SQL lives in the modules of this package; callers pass one of their functions, which receives
 a sqlite3.Connection.
@@ -93,11 +95,14 @@ def open_and_migrate(path: str | Path, **options: Any) -> None:
 
 
 class _Job:
-    __slots__ = ("fn", "args", "done", "batched", "abandoned", "finished", "deadline")
+    __slots__ = ("fn", "args", "done", "batched", "abandoned", "started", "finished",
+                 "deadline")
 
     def __init__(self, fn: Callable[..., Any], args: Any, done: Done, batched: bool) -> None:
         self.fn, self.args, self.done, self.batched = fn, args, done, batched
-        self.abandoned = False  # set on the loop when its budget ran out before it ran
+        # Under the store's claim lock: one of the two is set, never both.
+        self.abandoned = False  # its budget ran out before it started: it never runs
+        self.started = False  # its transaction has begun: it is answered when that ends
         self.finished = False  # done() was called (loop thread only)
         self.deadline = 0.0
 
@@ -138,8 +143,9 @@ class _Budget:
     waits for the oldest job still unanswered, and answered ones are dropped as it passes.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self._loop, self._seconds = loop, seconds
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float,
+                 claims: threading.Lock) -> None:
+        self._loop, self._seconds, self._claims = loop, seconds, claims
         self._jobs: deque[_Job] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -162,8 +168,10 @@ class _Budget:
                 if job.deadline > now:
                     self._timer = self._loop.call_at(job.deadline, self._expire)
                     return
-                job.abandoned = True
-                _finish(job, None, TimeoutError("over the time budget"))
+                with self._claims:  # against the writer thread starting it right now
+                    job.abandoned = not job.started
+                if job.abandoned:
+                    _finish(job, None, TimeoutError("over the time budget"))
             jobs.popleft()
 
     def cancel(self) -> None:
@@ -197,6 +205,7 @@ class Store:
         # The writer thread waits for _lock: the loop leaves it alone meanwhile (a Lock is not
         # fair, and a busy loop taking it without blocking would starve the thread).
         self._thread_waiting = False
+        self._claims = threading.Lock()  # a job is started or abandoned, never both
         # batches of submit_batched() run on the loop (see above); FULL fsyncs every commit
         self._on_loop = write_on_loop and synchronous != "FULL"
         self._commits = 0  # since the last checkpoint (under _lock)
@@ -277,7 +286,7 @@ class Store:
         if budget is not None:
             timer = self._budgets.get(budget)
             if timer is None:
-                timer = self._budgets[budget] = _Budget(loop, budget)
+                timer = self._budgets[budget] = _Budget(loop, budget, self._claims)
             timer.add(job)
         pending = self._pending
         pending.append(job)
@@ -349,6 +358,15 @@ class Store:
             conn.execute("COMMIT")
 
     # --- the write transaction, on the loop or in the writer thread ---------------------
+    def _claim(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs whose budget has not run out, marked started (their budget no longer
+        applies: they are answered when this transaction ends)."""
+        with self._claims:
+            live = [job for job in jobs if not job.abandoned]
+            for job in live:
+                job.started = True
+        return live
+
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> list[Outcome]:
         """Run jobs in the open transaction and commit; if that fails, all of them fail."""
         try:
@@ -357,8 +375,7 @@ class Store:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version != self._data_version:  # another connection wrote
                 self._data_version, last_writer = version, None
-            outcomes, last_writer = _run_jobs(conn, [job for job in jobs if not job.abandoned],
-                                              last_writer)
+            outcomes, last_writer = _run_jobs(conn, self._claim(jobs), last_writer)
             conn.execute("COMMIT")
             self._last_writer = last_writer
         except Exception as exc:  # the whole batch failed: nothing of it was committed
