@@ -17,6 +17,7 @@ from policyd.main import build_runtime, services
 from policyd.runtime import Runtime
 from policyd.ses import SesStatus
 from policyd.sesflow import _store_status
+from policyd.store import Store
 from tests.dnsserver import dns_server  # noqa: F401  (pytest fixture)
 from tests.hookserver import HookReceiver
 from tests.snsfake import CertServer
@@ -205,3 +206,27 @@ async def receiver() -> AsyncIterator[HookReceiver]:
     await hook.start()
     yield hook
     await hook.stop()
+
+
+@pytest.fixture(params=[True, False], ids=["on-loop", "thread-only"])
+async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A store whose policy batches run on the loop when they can, or always in its thread."""
+    s = Store(tmp_path / "store.sqlite3", write_on_loop=request.param)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def submit_batched(store: Store, fn: Callable[..., Any], arg: Any,
+                   budget: float | None = None) -> asyncio.Future[Any]:
+    """Store.submit_batched, its callback turned into a future."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    store.submit_batched(fn, arg, done, budget=budget)
+    return future

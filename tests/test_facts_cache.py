@@ -10,7 +10,6 @@ import asyncio
 import sqlite3
 import struct
 from pathlib import Path
-from typing import Any, AsyncIterator
 
 import pytest
 
@@ -20,17 +19,9 @@ from policyd.store import Store, connect, counters
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE
 from policyd.timeutil import Periods
-from tests.conftest import Daemon, outbound
+from tests.conftest import Daemon, outbound, submit_batched
 
 DOMAIN = "cached.example"
-
-
-@pytest.fixture(params=[True, False], ids=["on-loop", "thread-only"])
-async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    s = Store(tmp_path / "store.sqlite3", write_on_loop=request.param)
-    await s.open()
-    yield s
-    await s.close()
 
 
 class Recorder:
@@ -50,40 +41,27 @@ class Recorder:
         return args
 
 
-async def run(store: Store, fn: Any, arg: str) -> Any:
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def done(result: Any, error: BaseException | None) -> None:
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-
-    store.submit_batched(fn, arg, done)
-    return await future
-
-
 def _plain_write(conn: sqlite3.Connection, value: str) -> None:
     counters.seen_message(conn, value, "now")
 
 
 async def test_continued_only_while_nothing_else_writes(store: Store) -> None:
     fn, other, failing = Recorder(), Recorder(), Recorder(fail=True)
-    await run(store, fn, "a")
-    await run(store, fn, "b")
+    await submit_batched(store, fn, "a")
+    await submit_batched(store, fn, "b")
     await store.write(_plain_write, "c")  # any other job on the write connection
-    await run(store, fn, "d")
-    await run(store, other, "e")  # another batch function
-    await run(store, fn, "f")
-    await run(store, fn, "g")
+    await submit_batched(store, fn, "d")
+    await submit_batched(store, other, "e")  # another batch function
+    await submit_batched(store, fn, "f")
+    await submit_batched(store, fn, "g")
     with sqlite3.connect(store.path) as outside:  # another connection (another process)
         outside.execute("INSERT INTO sns_messages (message_id, received_at) VALUES ('x', 'now')")
     outside.close()
-    await run(store, fn, "h")
-    await run(store, fn, "i")
+    await submit_batched(store, fn, "h")
+    await submit_batched(store, fn, "i")
     with pytest.raises(ValueError):
-        await run(store, failing, "j")
-    await run(store, fn, "k")
+        await submit_batched(store, failing, "j")
+    await submit_batched(store, fn, "k")
     assert fn.seen == [False, True, False, False, True, False, True, False]
     assert other.seen == [False]
 
@@ -92,7 +70,7 @@ async def test_a_failed_run_is_not_continued(store: Store) -> None:
     failing = Recorder(fail=True)
     for _ in range(2):
         with pytest.raises(ValueError):
-            await run(store, failing, "x")
+            await submit_batched(store, failing, "x")
     assert failing.seen == [False, False]
 
 
@@ -105,14 +83,14 @@ def _lose_the_batch(conn: sqlite3.Connection, args: list[str], continued: bool) 
 
 async def test_not_continued_after_its_transaction_was_lost(store: Store) -> None:
     fn = Recorder()
-    await run(store, fn, "a")
-    await run(store, fn, "b")
+    await submit_batched(store, fn, "a")
+    await submit_batched(store, fn, "b")
     # one turn, one transaction: fn's run succeeds, then the transaction is lost
-    both = [asyncio.ensure_future(run(store, fn, "c")),
-            asyncio.ensure_future(run(store, _lose_the_batch, "x"))]
+    both = [submit_batched(store, fn, "c"),
+            submit_batched(store, _lose_the_batch, "x")]
     results = await asyncio.gather(*both, return_exceptions=True)
     assert all(isinstance(r, Exception) for r in results), results
-    await run(store, fn, "d")  # c was never committed: what fn kept from it is void
+    await submit_batched(store, fn, "d")  # c was never committed: what fn kept from it is void
     assert fn.seen == [False, True, True, False]
 
 
@@ -124,12 +102,12 @@ async def test_facts_are_read_once_while_only_the_hot_path_writes(store: Store) 
                                         recipient_count="2", size="10",
                                         request="smtpd_access_policy")), True, options)
     for _ in range(5):
-        assert (await run(store, batch, job)).action == "DUNNO"
+        assert (await submit_batched(store, batch, job)).action == "DUNNO"
     assert batch.reads == 1
     totals = await store.read(counters.totals, 1, *day)
     assert (totals.sent_today, totals.sent_month, totals.bytes_month) == (10, 10, 100)
     await store.write(_plain_write, "other")
-    assert (await run(store, batch, job)).action == "DUNNO"
+    assert (await submit_batched(store, batch, job)).action == "DUNNO"
     assert batch.reads == 2
 
 
@@ -143,7 +121,7 @@ async def test_kept_usage_matches_the_database_under_concurrency(store: Store) -
                                         request="smtpd_access_policy")), True, options)
     replies = []
     for _ in range(10):
-        replies += await asyncio.gather(*(run(store, batch, job) for _ in range(7)))
+        replies += await asyncio.gather(*(submit_batched(store, batch, job) for _ in range(7)))
         await asyncio.sleep(0)
     assert sum(r.action == "DUNNO" for r in replies) == 37
     day, month = Periods("UTC").keys(options.now())
@@ -231,7 +209,7 @@ async def test_wal_starts_over_under_steady_writes(store: Store,
 
     async def writer(n: int) -> None:
         for i in range(60):
-            await run(store, fn, f"{n}.{i}.{'x' * 200}")
+            await submit_batched(store, fn, f"{n}.{i}.{'x' * 200}")
 
     async def watch() -> None:
         while not stop:

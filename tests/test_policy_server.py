@@ -28,6 +28,7 @@ from tests.conftest import (
     outbound,
     request_bytes,
     start_daemon,
+    submit_batched,
 )
 
 EOF_WAIT = 10.0  # bound on waiting for the server to close a connection (never reached when ok)
@@ -544,21 +545,6 @@ def _insert(conn: sqlite3.Connection, value: str) -> str:
     return value
 
 
-def _submit(store: Store, fn: Callable[..., Any], arg: str,
-            budget: float | None = None) -> asyncio.Future[Any]:
-    """submit_batched, its callback turned into a future."""
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def done(result: Any, error: BaseException | None) -> None:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    store.submit_batched(fn, arg, done, budget=budget)
-    return future
-
-
 def _messages(path: Path) -> set[str]:
     conn = connect(path, readonly=True)
     try:
@@ -567,18 +553,9 @@ def _messages(path: Path) -> set[str]:
         conn.close()
 
 
-@pytest.fixture(params=[True, False], ids=["on-loop", "thread-only"])
-async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """A store whose policy batches run on the loop when they can, or always in its thread."""
-    s = Store(tmp_path / "store.sqlite3", write_on_loop=request.param)
-    await s.open()
-    yield s
-    await s.close()
-
-
 async def test_a_failing_batch_function_fails_its_own_run_only(store: Store) -> None:
-    ok = [_submit(store, _record, "a"), _submit(store, _record, "b")]
-    refused = [_submit(store, _refuse, "c"), _submit(store, _refuse, "d")]
+    ok = [submit_batched(store, _record, "a"), submit_batched(store, _record, "b")]
+    refused = [submit_batched(store, _refuse, "c"), submit_batched(store, _refuse, "d")]
     plain = store.submit(_insert, "e")  # a guarded job in the same turn, same transaction
     assert await asyncio.gather(*ok) == ["ok a", "ok b"]
     for future in refused:
@@ -592,10 +569,10 @@ async def test_a_failing_batch_function_fails_its_own_run_only(store: Store) -> 
 
 async def test_batch_waits_for_another_process_within_its_budget(store: Store) -> None:
     with WriteLock(str(store.path)):
-        late = _submit(store, _record, "late", budget=0.2)
+        late = submit_batched(store, _record, "late", budget=0.2)
         with pytest.raises(TimeoutError):
             await late
-        waiting = _submit(store, _record, "waits", budget=30)
+        waiting = submit_batched(store, _record, "waits", budget=30)
     assert await waiting == "ok waits"  # queued to the writer thread, which waited
     assert _messages(store.path) == {"waits"}  # the expired one never ran
 
@@ -609,7 +586,7 @@ async def test_a_started_batch_is_answered_when_it_commits_not_timed_out(store: 
     """Past its budget, a job whose transaction has begun gets its real answer once that
     commits: a timeout answer ("try again later") for an increment being committed would
     count the message again when Postfix retries it."""
-    assert await _submit(store, _slow_record, "slow", budget=0.1) == "ok slow"
+    assert await submit_batched(store, _slow_record, "slow", budget=0.1) == "ok slow"
     assert _messages(store.path) == {"slow"}
 
 
@@ -625,7 +602,7 @@ async def test_checkpoints_follow_commits_made_on_the_loop(
         assert store.checkpoints == round_no - 1
         for i in range(3):
             name = f"m{round_no}.{i}"
-            assert await _submit(store, _record, name) == f"ok {name}"
+            assert await submit_batched(store, _record, name) == f"ok {name}"
         await asyncio.wait_for(checkpointed(round_no), EOF_WAIT)
     assert len(_messages(store.path)) == 6
 
