@@ -37,7 +37,7 @@ def _partner_fields(body: dict[str, Any]) -> dict[str, Any]:
             fields[field] = opt_int(body, field, maximum=10**9)
     if "notify_url" in body:
         url = opt_str(body, "notify_url", max_len=2000)
-        if url is not None and not url.startswith(("https://", "http://")):
+        if url is not None and not url.startswith(("https://", "http://")):  # opt_str: no CR/LF
             raise Invalid("notify_url must be an http(s) URL or null")
         fields["notify_url"] = url
     return fields

@@ -10,7 +10,8 @@ from typing import Any, Awaitable, Callable
 
 from policyd import jobs
 from policyd.config import Config, ConfigError, load_config
-from policyd.errors import PolicydError
+from policyd.errors import Invalid, PolicydError
+from policyd.names import NameError_, clean_text, has_control
 from policyd.runtime import Runtime
 from policyd.store import StoreError
 from policyd.store import partners as partner_store
@@ -67,18 +68,35 @@ async def _with_store(config: Config, job: Callable[[Runtime], Awaitable[Any]]) 
         await rt.store.close()
 
 
+def _text_arg(value: str | None, what: str) -> str | None:
+    """A name given on the command line, held to the API's rules (no control characters)."""
+    if value is None:
+        return None
+    try:
+        return clean_text(value, what)
+    except NameError_ as exc:
+        raise Invalid(str(exc)) from None
+
+
+def _url_arg(value: str | None) -> str | None:
+    if value is not None and (has_control(value) or
+                              not value.startswith(("https://", "http://"))):
+        raise Invalid("--notify-url must be an http(s) URL without control characters")
+    return value
+
+
 async def _partner_create(rt: Runtime, args: argparse.Namespace) -> dict[str, Any]:
-    fields = {"name": args.name, "max_domains": args.max_domains,
+    fields = {"name": _text_arg(args.name, "partner name"), "max_domains": args.max_domains,
               "max_mailboxes_per_domain": args.max_mailboxes_per_domain,
               "max_aliases_per_mailbox": args.max_aliases_per_mailbox,
-              "notify_url": args.notify_url}
+              "notify_url": _url_arg(args.notify_url)}
     partner, secret = await rt.store.write(partner_store.create_partner, CLI, fields)
     return {**partner.public(), "notify_secret": secret}
 
 
 async def _key_create(rt: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     key, token = await rt.store.write(partner_store.create_key, CLI,
-                                      args.partner, args.name,
+                                      args.partner, _text_arg(args.name, "key name"),
                                       partner_store.parse_expiry(args.expires))
     return {"id": key.id, "token": token, "partner_id": key.partner_id,
             "expires_at": key.expires_at}
