@@ -185,8 +185,7 @@ def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nby
     allowed = refusal is None and (reason is None or facts.enforcement != "hard")
     if allowed:
         counters.add(conn, domain_id, day, month, count, nbytes)
-        usage = policy.Usage(usage.sent_today + count, usage.sent_month + count,
-                             usage.bytes_month + nbytes)
+        usage = usage.plus(count, nbytes)
         if limits is not None:
             feedback.guillotine(conn, domain.name, counters.totals(conn, domain_id, day, month),
                                 limits)

@@ -27,6 +27,9 @@ _LIMIT_TEXT = {
 }
 
 
+COUNTER_MAX = 2**63 - 1  # SQLite's largest integer: counters stop there, never wrap or fail
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """The sender domain's counters for the running day and month."""
@@ -34,6 +37,12 @@ class Usage:
     sent_today: int = 0
     sent_month: int = 0
     bytes_month: int = 0
+
+    def plus(self, count: int, nbytes: int) -> Usage:
+        """This usage with (count, nbytes) counted, as the store counts: held at COUNTER_MAX."""
+        return Usage(min(self.sent_today + count, COUNTER_MAX),
+                     min(self.sent_month + count, COUNTER_MAX),
+                     min(self.bytes_month + nbytes, COUNTER_MAX))
 
 
 NO_USAGE = Usage()

@@ -19,7 +19,8 @@ import socket
 import time
 from typing import Callable
 
-from policyd.protocol import MAX_ATTRS, MAX_LINE, MAX_REQUEST, ProtocolError, parse_line
+from policyd.protocol import (MAX_ATTRS, MAX_LINE, MAX_REQUEST, ProtocolError, check_numbers,
+                              parse_line)
 
 log = logging.getLogger(__name__)
 Respond = Callable[[bytes], None]
@@ -51,6 +52,7 @@ def parse_request(data: bytes) -> dict[str, str]:
             if not sep or not name:
                 raise ProtocolError("no '='" if not sep else "empty attribute name")
             attrs[name] = value
+    check_numbers(attrs)
     return attrs
 
 
@@ -63,6 +65,7 @@ def _parse_slowly(data: bytes) -> dict[str, str]:
         item = parse_line(line + b"\n")  # with its newline, so a CR before it goes too
         if item is not None:
             attrs[item[0]] = item[1]
+    check_numbers(attrs)
     return attrs
 
 

@@ -16,6 +16,8 @@ MAX_LINE = 65536  # bytes in one line, terminator excluded
 MAX_ATTRS = 256  # attribute lines in one request (Postfix sends about 30)
 MAX_REQUEST = 256 * 1024  # bytes in one request, terminators included
 POLICY_REQUEST = "smtpd_access_policy"  # the only `request` value Postfix sends
+MAX_SIZE = 2**40  # bytes in one message (SPEC §8): Postfix's message_size_limit is far below
+MAX_RECIPIENTS = 10**6  # recipient_count of one message (SPEC §8)
 
 _DUNNO_REPLY = b"action=DUNNO\n\n"
 
@@ -84,6 +86,18 @@ class RequestBuilder:
         self._attrs = {}
         self._lines = 0
         self._size = 0
+
+
+def check_numbers(attrs: dict[str, str]) -> None:
+    """Refuse a request whose size or recipient_count is past its bound (SPEC §8): no real
+    message is that big, and size x recipients must stay far inside a 64-bit counter."""
+    for name, bound in (("size", MAX_SIZE), ("recipient_count", MAX_RECIPIENTS)):
+        value = attrs.get(name)
+        # parse_count's rule: only ASCII digits are a number (anything else counts as 0)
+        if value and value.isdigit() and value.isascii():
+            digits = value.lstrip("0")  # (int() refuses over 4,300 digits: look first)
+            if len(digits) > 13 or int(digits or "0") > bound:
+                raise ProtocolError(f"{name} over {bound}")
 
 
 def format_reply(action: str) -> bytes:

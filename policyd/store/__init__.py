@@ -273,8 +273,10 @@ class Store:
         """Queue arg for fn, which is called once for a run of such submissions as
         fn(conn, [arg, ...], continued) -> [result, ...]; done(result, None) or
         done(None, error) is then called on the loop once the batch has committed (or failed,
-        or its budget in seconds ran out). fn reads first and writes with one statement, its
-        last: if it raises, every submission of the run fails. continued is True when the
+        or its budget in seconds ran out). A result that is an Exception is that submission's
+        error. fn reads first and writes with one statement, its last (if that fails, SQLite
+        undoes it and fn may write again, piece by piece): if fn raises, every submission of
+        the run fails. continued is True when the
         last write to the database was fn's own previous run and it committed: nothing else
         (no other job, connection or process) has written since. fn is compared by identity."""
         self._enqueue(_Job(fn, arg, done, True), budget)
@@ -487,8 +489,8 @@ def _run_jobs(conn: sqlite3.Connection, jobs: list[_Job],
     outcomes: list[Outcome] = []
     for (fn, batched), group in groupby(jobs, key=_group_key):
         if batched:
-            ran = _run_batched(conn, fn, list(group), fn is last_writer)
-            last_writer = fn if ran[0][2] is None else None
+            ran, ok = _run_batched(conn, fn, list(group), fn is last_writer)
+            last_writer = fn if ok else None
             outcomes += ran
         else:
             outcomes += [_run_job(conn, job) for job in group]
@@ -522,8 +524,10 @@ def _run_job(conn: sqlite3.Connection, job: _Job) -> Outcome:
 
 
 def _run_batched(conn: sqlite3.Connection, fn: BatchFn, jobs: list[_Job],
-                 continued: bool) -> list[Outcome]:
-    """One call of a batch function for a run of its submissions (no savepoint needed)."""
+                 continued: bool) -> tuple[list[Outcome], bool]:
+    """One call of a batch function for a run of its submissions (no savepoint needed);
+    also whether the call itself succeeded. A result that is an Exception fails its own
+    submission alone."""
     try:
         results = fn(conn, [job.args for job in jobs], continued)
         if len(results) != len(jobs):
@@ -533,8 +537,9 @@ def _run_batched(conn: sqlite3.Connection, fn: BatchFn, jobs: list[_Job],
         # error (SQLITE_FULL, IOERR...) rolled back the whole batch: then all of it failed.
         if not conn.in_transaction:
             raise _BatchLost(str(exc)) from exc
-        return [(job, None, exc) for job in jobs]
-    return [(job, result, None) for job, result in zip(jobs, results)]
+        return [(job, None, exc) for job in jobs], False
+    return [(job, None, result) if isinstance(result, Exception) else (job, result, None)
+            for job, result in zip(jobs, results)], True
 
 
 def _resolve(outcomes: list[Outcome]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
 
-from policyd.policy import DomainFacts, Usage
+from policyd.policy import COUNTER_MAX, DomainFacts, Usage
 
 _FACTS_COLUMNS = (
     "SELECT d.id, d.name, d.partner_id, d.status, d.out_status, d.ses_status, p.ses_status, "
@@ -56,8 +56,16 @@ def domains_facts(conn: sqlite3.Connection, names: Iterable[str], day: str,
     return {r[1]: _found(r) for r in rows}
 
 
+def _saturating_sum(a: str, b: str) -> str:
+    """SQL for a + b of two non-negative counters, held at COUNTER_MAX: past 2^63 - 1 SQLite
+    turns the sum into a REAL, which a STRICT INTEGER column refuses, failing the statement
+    and with it every request of the batch (a domain wedged for good)."""
+    return f"CASE WHEN {a} > {COUNTER_MAX} - {b} THEN {COUNTER_MAX} ELSE {a} + {b} END"
+
+
 _UPSERT = ("ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-           "sent = sent + excluded.sent, bytes = bytes + excluded.bytes")
+           f"sent = {_saturating_sum('sent', 'excluded.sent')}, "
+           f"bytes = {_saturating_sum('bytes', 'excluded.bytes')}")
 _ADD_JSON = (
     "INSERT INTO counters (domain_id, kind, period, sent, bytes) "
     "SELECT row.value ->> 0, kind.name, row.value ->> (1 + kind.n), row.value ->> 3, "
@@ -83,10 +91,13 @@ def add_many(conn: sqlite3.Connection, counts: list[tuple[int, str, str, int, in
     """Add (domain id, day, month, sent, bytes) to the day and month counters of several
     domains in one statement, so it is all or nothing."""
     if len(counts) > MAX_VALUES_ROWS:
-        conn.execute(_ADD_JSON, (json.dumps(counts),))
+        conn.execute(_ADD_JSON, (json.dumps([(d, day, month, min(sent, COUNTER_MAX),
+                                              min(nbytes, COUNTER_MAX))
+                                             for d, day, month, sent, nbytes in counts]),))
     elif counts:
         params: list[Any] = []
         for domain_id, day, month, sent, nbytes in counts:
+            sent, nbytes = min(sent, COUNTER_MAX), min(nbytes, COUNTER_MAX)
             params += (domain_id, day, sent, nbytes, domain_id, month, sent, nbytes)
         conn.execute(_add_values(len(counts)), params)
 
@@ -143,10 +154,10 @@ def freeze_months(conn: sqlite3.Connection, this_month: str, now: str) -> int:
         "frozen_at) SELECT domain_id, period, sent, bytes, bounces, complaints, ? "
         "FROM counters WHERE kind = 'month' AND period < ? "
         "ON CONFLICT (domain_id, period) DO UPDATE SET "
-        "sent = monthly_history.sent + excluded.sent, "
-        "bytes = monthly_history.bytes + excluded.bytes, "
-        "bounces = monthly_history.bounces + excluded.bounces, "
-        "complaints = monthly_history.complaints + excluded.complaints, "
+        f"sent = {_saturating_sum('monthly_history.sent', 'excluded.sent')}, "
+        f"bytes = {_saturating_sum('monthly_history.bytes', 'excluded.bytes')}, "
+        f"bounces = {_saturating_sum('monthly_history.bounces', 'excluded.bounces')}, "
+        f"complaints = {_saturating_sum('monthly_history.complaints', 'excluded.complaints')}, "
         "frozen_at = excluded.frozen_at",
         (now, this_month)).rowcount
     conn.execute("DELETE FROM counters WHERE kind = 'month' AND period < ?", (this_month,))
@@ -174,7 +185,8 @@ def add_feedback(conn: sqlite3.Connection, domain_id: int, day: str, month: str,
         "INSERT INTO counters (domain_id, kind, period, bounces, complaints) VALUES "
         "(?1, 'day', ?2, ?4, ?5), (?1, 'month', ?3, ?4, ?5) "
         "ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-        "bounces = bounces + excluded.bounces, complaints = complaints + excluded.complaints",
+        f"bounces = {_saturating_sum('bounces', 'excluded.bounces')}, "
+        f"complaints = {_saturating_sum('complaints', 'excluded.complaints')}",
         (domain_id, day, month, bounces, complaints))
     return totals(conn, domain_id, day, month)
 
