@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from policyd import jobs
 from policyd.config import Config, ConfigError, load_config
+from policyd.config import warnings as config_warnings
 from policyd.errors import Invalid, PolicydError
 from policyd.names import NameError_, clean_text, has_control
 from policyd.runtime import Runtime
@@ -125,6 +126,8 @@ def _check_config(config: Config) -> int:
     except ValueError as exc:
         print(f"policyd: [mail] maildir_root: {exc}", file=sys.stderr)
         return 1
+    for warning in config_warnings(config):
+        print(f"policyd: warning: {warning}", file=sys.stderr)
     print(f"configuration ok ({config.source or 'built-in defaults'})")
     return 0
 

@@ -358,3 +358,15 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"[outbound] default_tier: unknown tier "
                           f"{sections['outbound'].default_tier!r}")
     return Config(**sections, tiers=tiers, source=str(path or ""))
+
+
+def warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not what the operator wants (logged by `serve`,
+    printed by `check-config`)."""
+    found = []
+    if not config.sns.allowed_topic_arns:
+        found.append("[sns] allowed_topic_arns is empty: POST /webhooks/ses accepts no topic, "
+                     "so SES bounces and complaints are not counted (list your topic ARNs, "
+                     "or '*' for any)")
+    return found
+

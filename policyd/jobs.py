@@ -8,6 +8,7 @@ from typing import Any
 
 from policyd import feedback, outbound, retention, sesflow
 from policyd.runtime import Runtime
+from policyd.sns import MESSAGE_ID_MEMORY
 from policyd.store import counters
 from policyd.store import domains as domain_store
 from policyd.store import notifications as outbox
@@ -34,7 +35,7 @@ async def reset(rt: Runtime, kind: str, now: datetime | None = None) -> dict[str
 
 async def housekeeping(rt: Runtime) -> None:
     """Forget old SNS message ids and delivered notifications."""
-    before = iso(utcnow() - timedelta(days=14))
+    before = iso(utcnow() - MESSAGE_ID_MEMORY)  # the webhook refuses anything older
     pruned = await rt.store.write(counters.prune_seen, before)
     dropped = await rt.store.write(outbox.prune_delivered, before)
     if pruned or dropped:

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from yarl import URL
+
+from policyd.names import NameError_, normalize_domain
+from policyd.timeutil import parse_iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ _SIGNATURE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 HTTP_TIMEOUT = 5.0
+# How long MessageIds are remembered (counted once); older messages are refused (SPEC §8).
+MESSAGE_ID_MEMORY = timedelta(days=14)
+MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far in the future a Timestamp may be
 CERT_MAX_BYTES = 64 * 1024
 CERT_CACHE_MAX = 32
 _HOST_RE = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
@@ -187,10 +194,13 @@ class SnsVerifier:
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         cert_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._pattern_labels = cert_host_pattern.lower().split(".")
         self._schemes = ("https", "http") if insecure_http_certs else ("https",)
         self._allowed_topics = frozenset(allowed_topic_arns)
+        self._any_topic = "*" in self._allowed_topics
+        self._wall_clock = wall_clock
         self._session_factory = session_factory or _default_session
         self._session: aiohttp.ClientSession | None = None
         self._cert_ttl = cert_ttl
@@ -199,8 +209,9 @@ class SnsVerifier:
         self._inflight: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
 
     async def verify(self, msg: dict[str, Any]) -> None:
-        """Raise SnsError unless msg is for an allowed topic and correctly signed."""
+        """Raise SnsError unless msg is for an allowed topic, fresh and correctly signed."""
         self._check_topic(msg.get("TopicArn"))
+        self._check_timestamp(msg.get("Timestamp"))
         algorithm = _signature_hash(msg.get("SignatureVersion"))
         signature = _decode_signature(msg.get("Signature"))
         cert_url = msg.get("SigningCertURL")
@@ -247,9 +258,25 @@ class SnsVerifier:
             self._session = None
 
     def _check_topic(self, topic_arn: object) -> None:
-        """Raise SnsError unless the topic is allowed (an empty allow-list allows any)."""
-        if self._allowed_topics and topic_arn not in self._allowed_topics:
+        """Raise SnsError unless the topic is allowed: listed, or the list holds '*' (an
+        empty list allows none: a forgotten setting must not open the webhook to anyone)."""
+        if not self._any_topic and topic_arn not in self._allowed_topics:
             raise SnsError("topic_not_allowed", f"topic {topic_arn!r} not allowed")
+
+    def _check_timestamp(self, value: object) -> None:
+        """Raise SnsError unless Timestamp is at most MAX_CLOCK_SKEW ahead and younger than
+        the MessageId memory: an older message could be counted again once its id is
+        forgotten (a replay), and one from the future is not SNS's."""
+        try:
+            moment = parse_iso(value)  # type: ignore[arg-type]
+        except (ValueError, OverflowError):
+            raise SnsError("bad_timestamp", "Timestamp is not an ISO-8601 time") from None
+        now = self._wall_clock()
+        if moment > now + MAX_CLOCK_SKEW:
+            raise SnsError("bad_timestamp", f"Timestamp {value} is in the future")
+        if moment < now - MESSAGE_ID_MEMORY:
+            raise SnsError("bad_timestamp", f"Timestamp {value} is older than "
+                                            f"{MESSAGE_ID_MEMORY.days} days")
 
     def _checked_url(self, raw: object) -> URL:
         """Parse raw once (the same object is fetched) and apply the scheme and host rules."""
@@ -384,11 +411,15 @@ def _inner_json(message: object) -> dict[str, Any] | None:
 
 
 def _source_domain(mail: object) -> str:
-    """Domain of mail.source (after the last '@'), lowercased; '' when unusable."""
+    """Domain of mail.source (after the last '@'), normalised as hosted names are (case,
+    trailing dot, IDNA A-labels); '' when unusable."""
     source = mail.get("source") if isinstance(mail, dict) else None
     if not isinstance(source, str) or "@" not in source:
         return ""
-    return source.rpartition("@")[2].strip().lower()
+    try:
+        return normalize_domain(source.rpartition("@")[2].rstrip(">"))
+    except NameError_:
+        return ""
 
 
 def _recipient_addresses(entries: object) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -42,6 +43,7 @@ async def make_verifier() -> AsyncIterator[VerifierFactory]:
     def factory(**kwargs: Any) -> SnsVerifier:
         kwargs.setdefault("cert_host_pattern", "127.0.0.1:*")
         kwargs.setdefault("insecure_http_certs", True)
+        kwargs.setdefault("allowed_topic_arns", ("*",))
         verifier = SnsVerifier(**kwargs)
         made.append(verifier)
         return verifier
@@ -49,6 +51,10 @@ async def make_verifier() -> AsyncIterator[VerifierFactory]:
     yield factory
     for verifier in made:
         await verifier.close()
+
+
+def _at(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def cert_url(server: CertServer, path: str = "/cert.pem") -> str:
@@ -221,7 +227,7 @@ async def test_verify_accepts_subscription_types(
     [
         ("Message", '{"notificationType": "Delivery"}'),
         ("Subject", "Changed"),
-        ("Timestamp", "2020-01-01T00:00:00.000Z"),
+        ("Timestamp", _at(dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1))),
         ("MessageId", "other-id"),
         ("TopicArn", "arn:aws:sns:us-east-1:123456789012:other"),
     ],
@@ -372,12 +378,52 @@ async def test_topic_allow_list(cert_server: CertServer, make_verifier: Verifier
     assert cert_server.cert_hits == 1
 
 
-async def test_empty_allow_list_allows_any_topic(
+async def test_star_allows_any_topic(
     cert_server: CertServer, make_verifier: VerifierFactory,
 ) -> None:
     msg = signed(cert_server, topic_arn="arn:aws:sns:eu-west-1:1:anything")
-    await make_verifier(allowed_topic_arns=()).verify(msg)
+    await make_verifier(allowed_topic_arns=("*",)).verify(msg)
     assert cert_server.cert_hits == 1
+
+
+async def test_empty_allow_list_allows_no_topic(
+    cert_server: CertServer, make_verifier: VerifierFactory,
+) -> None:
+    verifier = make_verifier(allowed_topic_arns=())
+    assert await reason_of(verifier.verify(signed(cert_server))) == "topic_not_allowed"
+    sub = subscription(cert_server)
+    assert await reason_of(verifier.verify(sub)) == "topic_not_allowed"
+    assert await reason_of(verifier.confirm_subscription(sub)) == "topic_not_allowed"
+    assert cert_server.cert_hits == 0 and cert_server.confirm_hits == []
+
+
+# --- timestamps: fresh, and never older than the MessageId memory -------------------------
+
+
+@pytest.mark.parametrize(("offset", "ok"), [
+    (dt.timedelta(0), True),
+    (dt.timedelta(minutes=4, seconds=59), True),  # clock skew ahead
+    (dt.timedelta(minutes=5, seconds=1), False),
+    (-dt.timedelta(days=13, hours=23), True),  # SNS retries for hours, not weeks
+    (-dt.timedelta(days=14, seconds=1), False),  # its MessageId may be forgotten: a replay
+])
+async def test_timestamp_window(cert_server: CertServer, make_verifier: VerifierFactory,
+                                offset: dt.timedelta, ok: bool) -> None:
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.timezone.utc)
+    verifier = make_verifier(wall_clock=lambda: now)
+    msg = signed(cert_server, timestamp=_at(now + offset))
+    if ok:
+        await verifier.verify(msg)
+    else:
+        assert await reason_of(verifier.verify(msg)) == "bad_timestamp"
+
+
+@pytest.mark.parametrize("value", ["yesterday", "", "2026-13-40T00:00:00Z"])
+async def test_timestamp_must_parse(cert_server: CertServer, make_verifier: VerifierFactory,
+                                    value: str) -> None:
+    msg = signed(cert_server, timestamp=value)
+    assert await reason_of(make_verifier().verify(msg)) == "bad_timestamp"
+    assert cert_server.cert_hits == 0  # refused before any certificate is fetched
 
 
 # --- certificate fetching and caching ------------------------------------------------------
@@ -460,6 +506,7 @@ async def test_session_factory_is_used_once_and_closed(cert_server: CertServer) 
         insecure_http_certs=True,
         session_factory=factory,
         cert_ttl=0.0,
+        allowed_topic_arns=(TOPIC_ARN,),
     )
     for _ in range(2):
         await verifier.verify(signed(cert_server))
@@ -544,6 +591,18 @@ def test_mail_events_permanent_bounce() -> None:
     assert mail_events(envelope(inner)) == [
         MailEvent("bounce", source_domain="mail.example.com", recipients=("a@x.org", "b@y.org"))
     ]
+
+
+@pytest.mark.parametrize(("source", "domain"), [
+    ("s@Example.COM.", "example.com"),  # case and the root's dot
+    ("s@bücher.example", "xn--bcher-kva.example"),  # IDNA: as hosted names are stored
+    ('"Name" <s@Mail.Example.com>', "mail.example.com"),
+    ("s@evil\n.example.com", ""),  # not a name: counted to nobody
+    ("s@", ""),
+])
+def test_mail_events_normalise_the_source_domain(source: str, domain: str) -> None:
+    events = mail_events(envelope(bounce_message(source, ["a@x.org"])))
+    assert [event.source_domain for event in events] == ([domain] if domain else [])
 
 
 @pytest.mark.parametrize("bounce_type", ["Transient", "Undetermined"])
