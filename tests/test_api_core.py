@@ -306,6 +306,10 @@ async def test_a_parent_of_another_partner_is_not_linked(daemon: Daemon) -> None
     await daemon.api("PUT", "/domains/parent.com/parent", {"wildcard": True})
     status, sub = await daemon.api("POST", "/domains/", {"name": "sub.parent.com"},
                                    token=token_b)
+    assert_error(status, sub, 403, "forbidden")  # not b's to claim (SPEC §5)
+    _, key = await daemon.api("GET", "/api-keys/", token=token_b)
+    status, sub = await daemon.api("POST", "/domains/", {  # the master gives it to b
+        "name": "sub.parent.com", "partner_id": key["items"][0]["partner_id"]})
     assert status == 201 and sub["parent"] is None and sub["ses"]["status"] == "not_started"
     assert_error(*await daemon.api("PUT", "/domains/sub.parent.com/parent",
                                    {"parent": "parent.com"}), 400, "invalid")

@@ -114,6 +114,29 @@ def _wildcard_parent(conn: sqlite3.Connection, name: str) -> tuple[int, int | No
     return None
 
 
+def _closest_hosted_ancestor(conn: sqlite3.Connection,
+                             name: str) -> tuple[str, int | None] | None:
+    """(name, partner_id) of the nearest hosted domain above name, wildcard or not."""
+    labels = name.split(".")
+    for i in range(1, len(labels) - 1):
+        ancestor = ".".join(labels[i:])
+        row = conn.execute("SELECT partner_id FROM domains WHERE name = ?",
+                           (ancestor,)).fetchone()
+        if row:
+            return ancestor, row[0]
+    return None
+
+
+def _check_claim(conn: sqlite3.Connection, scope: Scope, name: str) -> None:
+    """A client may create a subdomain only under its own closest hosted ancestor, or where
+    none is hosted: a subdomain of another partner's domain is that partner's (SPEC §5)."""
+    if scope.is_master:
+        return
+    ancestor = _closest_hosted_ancestor(conn, name)
+    if ancestor is not None and ancestor[1] != scope.partner_id:
+        raise Forbidden(f"{name} is under {ancestor[0]}, which another account hosts")
+
+
 def _check_partner_quota(conn: sqlite3.Connection, partner_id: int) -> None:
     row = conn.execute("SELECT max_domains FROM partners WHERE id = ?", (partner_id,)).fetchone()
     if row is None:
@@ -141,6 +164,7 @@ def create_domain(conn: sqlite3.Connection, scope: Scope, name: str, partner_id:
     """Create a domain (quota checked in this transaction), linking a wildcard parent."""
     if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
         raise Exists(f"domain {name} already exists")
+    _check_claim(conn, scope, name)
     parent = _wildcard_parent(conn, name)
     owner = _owner(scope, partner_id, parent)
     if owner is not None:
