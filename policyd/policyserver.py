@@ -19,54 +19,11 @@ import socket
 import time
 from typing import Any, Callable
 
-from policyd.protocol import (MAX_ATTRS, MAX_LINE, MAX_REQUEST, ProtocolError, check_numbers,
-                              parse_line)
+from policyd.protocol import MAX_REQUEST, ProtocolError, parse_request
 
 log = logging.getLogger(__name__)
 Respond = Callable[[bytes], None]
 Handler = Callable[[dict[str, str], str, Respond], None]
-
-
-def parse_request(data: bytes) -> dict[str, str]:
-    """Parse one complete request (ending with an empty line) into its attributes.
-
-    The same rules as protocol.parse_line, line by line, but the request is decoded once: a
-    UTF-8 sequence cannot span a newline, so this accepts and refuses exactly what it does.
-    """
-    if len(data) > MAX_LINE:  # some line may be too long: let parse_line say which
-        return _parse_slowly(data)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("not UTF-8") from None
-    lines = text.split("\n")
-    if len(lines) > MAX_ATTRS + 2:
-        raise ProtocolError(f"more than {MAX_ATTRS} attributes")
-    if "\r" in text:  # CRLF line ends (Postfix sends LF only)
-        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    attrs: dict[str, str] = {}
-    for line in lines:
-        if line:
-            # Split on the FIRST '=' only: values (ccert_subject, sender...) may contain '='.
-            name, sep, value = line.partition("=")
-            if not sep or not name:
-                raise ProtocolError("no '='" if not sep else "empty attribute name")
-            attrs[name] = value
-    check_numbers(attrs)
-    return attrs
-
-
-def _parse_slowly(data: bytes) -> dict[str, str]:
-    attrs: dict[str, str] = {}
-    lines = data.split(b"\n")
-    if len(lines) > MAX_ATTRS + 2:
-        raise ProtocolError(f"more than {MAX_ATTRS} attributes")
-    for line in lines:
-        item = parse_line(line + b"\n")  # with its newline, so a CR before it goes too
-        if item is not None:
-            attrs[item[0]] = item[1]
-    check_numbers(attrs)
-    return attrs
 
 
 class _PeerLog:

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import policyd.store as store_module
 from policyd.config import Config
-from policyd.policyserver import parse_request
-from policyd.protocol import ProtocolError, RequestBuilder
+from policyd.protocol import ProtocolError, parse_request
+from tests.protocol_oracle import RequestBuilder
 from policyd.store import Store, connect, counters
 from tests.conftest import (
     MASTER,
