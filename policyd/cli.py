@@ -22,10 +22,10 @@ from policyd.store.scope import Scope
 
 log = logging.getLogger("policyd")
 CLI = Scope(actor="cli")
-# The subcommands that may create the database; every other one refuses a missing file, so a
-# wrong path (a typo in --config or [database] path) fails instead of working on a new,
-# empty database.
-CREATES_DATABASE = ("serve", "init-db", "check-config")
+# The subcommands that run without a database file (serve and init-db create it); every other
+# one refuses a missing file, so a wrong path (a typo in --config or [database] path) fails
+# instead of working on a new, empty database.
+DATABASE_OPTIONAL = ("serve", "init-db", "check-config")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,7 +139,7 @@ def _missing_database(config: Config) -> str | None:
 
 
 def _run(args: argparse.Namespace, config: Config) -> Any:
-    """Run a command that needs the database; returns what to print."""
+    """Run a command on the database; returns what to print (None: nothing)."""
     if args.command == "serve":
         from policyd.main import serve
         asyncio.run(serve(config))
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "check-config":
             return _check_config(config)
-        missing = None if args.command in CREATES_DATABASE else _missing_database(config)
+        missing = None if args.command in DATABASE_OPTIONAL else _missing_database(config)
         if missing:
             _fail(f"{args.command}: {missing}")
             return 1
