@@ -108,7 +108,7 @@ async def start_policy(rt: Runtime) -> PolicyServer:
     server = PolicyServer(service.handle, host=cfg.listen[0], port=cfg.listen[1],
                           idle_timeout=cfg.idle_timeout, max_connections=cfg.max_connections,
                           on_count=rt.metrics.connections.set,
-                          on_protocol_error=lambda r: rt.metrics.protocol_errors.labels(r).inc())
+                          on_protocol_error=rt.metrics.protocol_error)
     await server.start()
     return server
 

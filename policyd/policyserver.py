@@ -331,7 +331,7 @@ class PolicyServer:
         if self._peer_log.note(conn.address, "malformed requests", reason):
             log.warning("policy connection from %s closed: malformed request (%s)", conn.peer,
                         reason)
-        self._on_protocol_error(reason.split(" ")[0] if reason else "malformed")
+        self._on_protocol_error(reason or "malformed")
 
     async def _sweep(self) -> None:
         interval = min(5.0, max(0.05, self._idle_timeout / 4))

@@ -104,16 +104,16 @@ async def _start_unknown(rt: Runtime, names: list[str]) -> int:
 
 
 async def poll(rt: Runtime) -> dict[str, int]:
-    """One poller round over every domain whose verification is not finished."""
+    """One poller round over every domain whose verification is not finished.
+
+    Raises SesError when SES could not be asked (unreachable, no or bad credentials): the
+    round failed, and `policyd ses-poll` exits non-zero (the scheduler logs it and retries).
+    """
     names = await rt.store.read(domain_store.pending_ses, POLL_BATCH)
     log.info("SES poll: %d domains pending", len(names))
     if not names:
         return {"checked": 0, "started": 0, "verified": 0}
-    try:
-        statuses = await rt.ses.statuses(names)
-    except SesError as exc:
-        log.warning("SES poll failed (next round retries): %s", exc)
-        return {"checked": 0, "started": 0, "verified": 0}
+    statuses = await rt.ses.statuses(names)
     unknown = [name for name, status in statuses.items() if status.status == "not_started"]
     known = {name: s for name, s in statuses.items() if s.status != "not_started"}
     stored = await rt.store.write(_store_statuses, known) if known else {}
