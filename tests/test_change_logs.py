@@ -40,7 +40,7 @@ async def test_mailbox_and_alias_changes_are_logged_without_secrets(
     await daemon.domain("example.com", token=token)
     calls = [
         ("POST", "/users/", {"email": "Bob@Example.com", "password": PASSWORD,
-                             "name": "Bob\nInjected", "quota_bytes": 1000}, 201),
+                             "name": "Bob Builder", "quota_bytes": 1000}, 201),
         ("PUT", "/users/bob@example.com", {"password": NEW_PASSWORD, "active": False}, 200),
         ("PUT", "/users/bob@example.com", {"active": False}, 200),  # no change: no line
         ("PUT", "/users/bob@example.com/quota", {"quota_bytes": None}, 200),

@@ -86,7 +86,8 @@ def protocol_messages() -> list[str]:
     """The messages the parser really gives for each kind of malformed request."""
     payloads = [b"no equals\n\n", b"\xff=1\n\n", b"=value\n\n",
                 b"a=" + b"x" * (MAX_LINE + 1) + b"\n\n",
-                b"".join(b"a%d=1\n" % i for i in range(MAX_ATTRS + 1)) + b"\n"]
+                b"".join(b"a%d=1\n" % i for i in range(MAX_ATTRS + 1)) + b"\n",
+                b"size=1099511627777\n\n", b"recipient_count=1000001\n\n"]
     messages = []
     for payload in payloads:
         with pytest.raises(ProtocolError) as caught:
