@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from policyd.errors import Forbidden, Invalid, PolicydError
-from policyd.names import NameError_, has_control
+from policyd.names import InvalidName, has_control
 from policyd.runtime import Runtime
 from policyd.store.scope import Scope
 
@@ -150,7 +150,7 @@ def normalised(fn: Any, value: Any) -> Any:
     """Run a names normaliser, turning its error into Invalid."""
     try:
         return fn(value)
-    except NameError_ as exc:
+    except InvalidName as exc:
         raise Invalid(str(exc)) from None
 
 

@@ -14,7 +14,7 @@ from policyd import jobs, logsetup
 from policyd.config import Config, ConfigError, load_config
 from policyd.config import warnings as config_warnings
 from policyd.errors import Invalid, PolicydError
-from policyd.names import NameError_, clean_text, has_control
+from policyd.names import InvalidName, clean_text, has_control
 from policyd.runtime import Runtime
 from policyd.ses import SesError
 from policyd.store import StoreError
@@ -86,7 +86,7 @@ def _text_arg(value: str | None, what: str) -> str | None:
         return None
     try:
         return clean_text(value, what)
-    except NameError_ as exc:
+    except InvalidName as exc:
         raise Invalid(str(exc)) from None
 
 

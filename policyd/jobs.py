@@ -66,7 +66,7 @@ def _purge_one(rt: Runtime, name: str, days: int, local_parts: list[str]) -> dic
 async def guillotine_sweep(rt: Runtime) -> list[str]:
     """Block every domain whose month's bounce rate has reached the limit."""
     day, month = rt.periods.keys(utcnow())
-    blocked = await rt.store.write(feedback.sweep, day, month, feedback.thresholds(rt))
+    blocked = await rt.store.write(feedback.sweep, day, month, feedback.Thresholds.of(rt.config.outbound))
     if blocked:
         log.warning("guillotine sweep blocked: %s", ", ".join(blocked))
         if rt.notifier is not None:

@@ -84,7 +84,6 @@ class Decision:
     count: int = 0  # messages to count now
     bytes: int = 0  # bytes to count now
     count_domain: str | None = None  # set exactly when this state is the counting state
-    limited: bool = False  # a hard limit refused it
 
 
 NO_RULE = Decision("DUNNO", "no_rule")
@@ -217,7 +216,7 @@ def limit_decision(reason: str, d: DomainFacts, count: int, nbytes: int) -> Deci
     text = _LIMIT_TEXT.get(reason, "Sending limit")
     if d.enforcement == "hard":  # refused: counters unchanged, the client retries later
         return Decision(f"DEFER 4.7.1 {text} reached for {d.name}, try again later",
-                        reason, limited=True)
+                        reason)
     counted_to = d.name if count or nbytes else None
     if d.enforcement == "soft":  # mail passes, counted, the breach is logged by Postfix
         return Decision(f"WARN {text} exceeded for {d.name}", reason, count, nbytes, counted_to)

@@ -5,9 +5,8 @@ import logging
 
 import pytest
 
-from policyd.store import mailboxes as mailbox_store
 from policyd.store.partners import hash_token
-from tests.conftest import Daemon
+from tests.conftest import Daemon, password_hash_of
 
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "another secret passphrase"
@@ -51,7 +50,7 @@ async def test_mailbox_and_alias_changes_are_logged_without_secrets(
     for method, path, body, expected in calls:
         status, answer = await daemon.api(method, path, body, token=token)
         assert status == expected, (method, path, answer)
-    stored_hash = await daemon.rt.store.read(mailbox_store.password_hash, "bob@example.com")
+    stored_hash = await daemon.rt.store.read(password_hash_of, "bob@example.com")
     status, _ = await daemon.api("DELETE", "/users/bob@example.com", token=token)
     assert status == 204
 

@@ -11,7 +11,7 @@ import pytest
 
 from policyd import cli
 from policyd.config import ConfigError, load_config
-from policyd.names import NameError_, clean_text, normalize_domain, normalize_email
+from policyd.names import InvalidName, clean_text, normalize_domain, normalize_email
 from tests.conftest import Daemon, write_config
 
 CONTROLS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\x9f"]
@@ -26,18 +26,18 @@ def _spliced(text: str, char: str) -> list[str]:
 @pytest.mark.parametrize("char", CONTROLS, ids=repr)
 def test_normalisers_refuse_control_characters(char: str) -> None:
     for name in _spliced("evil.example.com", char):
-        with pytest.raises(NameError_, match="control character"):
+        with pytest.raises(InvalidName, match="control character"):
             normalize_domain(name)
     for address in _spliced("bob@example.com", char):
-        with pytest.raises(NameError_, match="control character"):
+        with pytest.raises(InvalidName, match="control character"):
             normalize_email(address)
-    with pytest.raises(NameError_, match="control characters"):
+    with pytest.raises(InvalidName, match="control characters"):
         clean_text("Acme" + char + "Corp", "partner name")
 
 
 def test_trailing_newline_no_longer_slips_past_the_label_pattern() -> None:
     # re.match with "$" accepts "evil\n": the label pattern must match whole labels
-    with pytest.raises(NameError_):
+    with pytest.raises(InvalidName):
         normalize_domain("evil\n.example.com")
     assert normalize_domain(" Example.COM. ") == "example.com"
 

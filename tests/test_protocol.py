@@ -5,12 +5,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policyd.names import NameError_
+from policyd.names import InvalidName
 from policyd.names import normalize_domain as api_normalize_domain
 from policyd.protocol import (
     MAX_ATTRS,
     MAX_LINE,
-    MAX_REQUEST,
     PolicyRequest,
     ProtocolError,
     format_reply,
@@ -222,7 +221,7 @@ def test_normalize_domain_agrees_with_the_api(raw: str) -> None:
     """Wherever the API accepts a name, the policy side normalises it to the same form."""
     try:
         stored = api_normalize_domain(raw)
-    except NameError_:
+    except InvalidName:
         return
     assert normalize_domain(raw) == stored
 

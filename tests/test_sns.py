@@ -14,10 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd.sns import (
-    MailEvent,
     SnsError,
     SnsVerifier,
-    mail_events,
+    allowed_url,
     parse_envelope,
     string_to_sign,
 )
@@ -25,8 +24,6 @@ from tests.snsfake import (
     CERT_PEM,
     TOPIC_ARN,
     CertServer,
-    bounce_message,
-    complaint_message,
     encode,
     make_message,
     new_identity,
@@ -34,6 +31,8 @@ from tests.snsfake import (
 
 VerifierFactory = Callable[..., SnsVerifier]
 AWS_CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem"
+AWS_PATTERN = "sns.*.amazonaws.com".split(".")  # the default cert_host_pattern, by label
+HTTPS = ("https",)
 
 
 @pytest.fixture
@@ -307,8 +306,8 @@ async def test_verify_rejects_missing_cert_url(make_verifier: VerifierFactory) -
         "https://SNS.US-EAST-1.AMAZONAWS.COM/x.pem",
     ],
 )
-def test_check_url_host_accepts_sns_hosts(url: str) -> None:
-    SnsVerifier().check_url_host(url)
+def test_allowed_url_accepts_sns_hosts(url: str) -> None:
+    assert allowed_url(url, AWS_PATTERN, HTTPS).path.endswith(".pem")
 
 
 @pytest.mark.parametrize(
@@ -334,18 +333,18 @@ def test_check_url_host_accepts_sns_hosts(url: str) -> None:
         ("", "cert_scheme"),
     ],
 )
-def test_check_url_host_rejects(url: str, reason: str) -> None:
+def test_allowed_url_rejects(url: str, reason: str) -> None:
     with pytest.raises(SnsError) as info:
-        SnsVerifier().check_url_host(url)
+        allowed_url(url, AWS_PATTERN, HTTPS)
     assert info.value.reason == reason
 
 
 def test_insecure_flag_allows_http_and_keeps_https() -> None:
-    verifier = SnsVerifier(insecure_http_certs=True)
-    verifier.check_url_host("http://sns.us-east-1.amazonaws.com/x.pem")
-    verifier.check_url_host(AWS_CERT_URL)
+    schemes = ("https", "http")  # what insecure_http_certs = true gives
+    allowed_url("http://sns.us-east-1.amazonaws.com/x.pem", AWS_PATTERN, schemes)
+    allowed_url(AWS_CERT_URL, AWS_PATTERN, schemes)
     with pytest.raises(SnsError) as info:
-        verifier.check_url_host("ftp://sns.us-east-1.amazonaws.com/x.pem")
+        allowed_url("ftp://sns.us-east-1.amazonaws.com/x.pem", AWS_PATTERN, schemes)
     assert info.value.reason == "cert_scheme"
 
 
@@ -577,95 +576,3 @@ async def test_confirm_subscription_rejects_notifications(
 ) -> None:
     msg = signed(cert_server)
     assert await reason_of(make_verifier().confirm_subscription(msg)) == "bad_envelope"
-
-
-# --- SES events -----------------------------------------------------------------------------
-
-
-def envelope(inner: dict[str, Any] | str) -> dict[str, Any]:
-    return make_message(message=inner, cert_url=AWS_CERT_URL)
-
-
-def test_mail_events_permanent_bounce() -> None:
-    inner = bounce_message("Sender@Mail.Example.COM", ["a@x.org", "b@y.org", "a@x.org"])
-    assert mail_events(envelope(inner)) == [
-        MailEvent("bounce", source_domain="mail.example.com", recipients=("a@x.org", "b@y.org"))
-    ]
-
-
-@pytest.mark.parametrize(("source", "domain"), [
-    ("s@Example.COM.", "example.com"),  # case and the root's dot
-    ("s@bücher.example", "xn--bcher-kva.example"),  # IDNA: as hosted names are stored
-    ('"Name" <s@Mail.Example.com>', "mail.example.com"),
-    ("s@evil\n.example.com", ""),  # not a name: counted to nobody
-    ("s@", ""),
-])
-def test_mail_events_normalise_the_source_domain(source: str, domain: str) -> None:
-    events = mail_events(envelope(bounce_message(source, ["a@x.org"])))
-    assert [event.source_domain for event in events] == ([domain] if domain else [])
-
-
-@pytest.mark.parametrize("bounce_type", ["Transient", "Undetermined"])
-def test_mail_events_ignores_soft_bounces(bounce_type: str) -> None:
-    assert mail_events(envelope(bounce_message("s@example.com", ["a@x.org"], bounce_type))) == []
-
-
-def test_mail_events_complaint() -> None:
-    inner = complaint_message("news@example.com", ["c@x.org"])
-    assert mail_events(envelope(inner)) == [
-        MailEvent(kind="complaint", source_domain="example.com", recipients=("c@x.org",))
-    ]
-
-
-def test_mail_events_event_publishing_shape() -> None:
-    inner = complaint_message("news@example.com", ["c@x.org"])
-    inner["eventType"] = inner.pop("notificationType")
-    assert [event.kind for event in mail_events(envelope(inner))] == ["complaint"]
-
-
-def test_mail_events_ignores_delivery() -> None:
-    inner = {
-        "notificationType": "Delivery",
-        "mail": {"source": "s@example.com", "destination": ["a@x.org"]},
-        "delivery": {"recipients": ["a@x.org"], "smtpResponse": "250 ok"},
-    }
-    assert mail_events(envelope(inner)) == []
-
-
-def _mangled_bounces() -> list[dict[str, Any]]:
-    base = bounce_message("s@example.com", ["a@x.org"])
-    cases = []
-    for path, value in [
-        (("mail",), None),
-        (("mail", "source"), "no-at-sign"),
-        (("mail", "source"), 42),
-        (("bounce",), "x"),
-        (("bounce", "bouncedRecipients"), {"emailAddress": "a@x.org"}),
-        (("bounce", "bouncedRecipients"), [{"emailAddress": 5}, "a@x.org", {"emailAddress": " "}]),
-        (("notificationType",), ["Bounce"]),
-    ]:
-        case = json.loads(json.dumps(base))
-        target = case
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value
-        cases.append(case)
-    return cases
-
-
-@pytest.mark.parametrize(
-    "inner", ["not json", "[1]", '"Bounce"', "[" * 100_000, *_mangled_bounces()]
-)
-def test_mail_events_garbage_is_empty(inner: dict[str, Any] | str) -> None:
-    assert mail_events(envelope(inner)) == []
-
-
-@pytest.mark.parametrize("msg", [{}, {"Message": None}, {"Message": 7}, []])
-def test_mail_events_bad_envelope_is_empty(msg: Any) -> None:
-    assert mail_events(msg) == []
-
-
-@given(st.text(max_size=300) | st.builds(json.dumps, _json_values))
-def test_mail_events_never_raises(message: str) -> None:
-    assert isinstance(mail_events({"Message": message}), list)
-
