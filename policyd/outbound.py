@@ -26,11 +26,9 @@ Tiers = dict[str, tuple[int | None, int | None]]
 
 def render(domain: Domain, totals: counters.Totals) -> dict[str, Any]:
     """The outbound resource of a domain (effective tier/limits/enforcement)."""
-    tier, daily, monthly, enforcement = domain.effective
     sent = totals.sent_month
     return {
-        "tier": tier, "daily_limit": daily, "monthly_limit": monthly,
-        "enforcement": enforcement, "status": domain.out_status,
+        **current_values(domain),
         "sent_today": totals.sent_today, "sent_month": sent,
         "bytes_month": totals.bytes_month,
         "bounces": totals.bounces, "complaints": totals.complaints,
@@ -66,9 +64,10 @@ def _within(value: int | None, ceiling: int | None) -> bool:
 
 def current_values(domain: Domain) -> dict[str, Any]:
     """The settable fields as GET shows them (tier/limits/enforcement effective)."""
-    tier, daily, monthly, enforcement = domain.effective
-    return {"tier": tier, "daily_limit": daily, "monthly_limit": monthly,
-            "enforcement": enforcement, "status": domain.out_status}
+    sending = domain.effective
+    return {"tier": sending.tier, "daily_limit": sending.daily_limit,
+            "monthly_limit": sending.monthly_limit, "enforcement": sending.enforcement,
+            "status": domain.out_status}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -94,9 +93,10 @@ def check_permission(scope: Scope, domain: Domain, body: dict[str, Any], tiers: 
     for field in MASTER_FIELDS:
         if field in changed:
             raise Forbidden(f"only the master can change {field}")
-    tier, daily, monthly, _ = domain.effective
+    sending = domain.effective
+    tier = sending.tier
     # A tier no longer in the config: the client may only lower what the domain has now.
-    ceilings = tiers.get(tier, (daily, monthly))
+    ceilings = tiers.get(tier, (sending.daily_limit, sending.monthly_limit))
     for field, ceiling in zip(("daily_limit", "monthly_limit"), ceilings):
         value = changed.get(field)
         if field in changed and _is_count_or_none(value) and not _within(value, ceiling):
@@ -180,9 +180,10 @@ def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nby
     if found is None:  # cannot happen inside this transaction; never an assert (python -O)
         raise NotFound(f"domain {name} not found")
     domain_id, facts, usage = found
-    refusal = policy.domain_refusal(facts)
-    reason = refusal or policy.over_limit(usage, count, nbytes, facts)
-    allowed = refusal is None and (reason is None or facts.enforcement != "hard")
+    reason = policy.domain_refusal(facts)
+    allowed = reason is None
+    if allowed:
+        allowed, reason = policy.quota_verdict(usage, count, nbytes, facts)
     if allowed:
         counters.add(conn, domain_id, day, month, count, nbytes)
         usage = usage.plus(count, nbytes)

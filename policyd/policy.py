@@ -1,9 +1,12 @@
-"""The policy decision (SPEC §6): pure functions of a request and the facts read for it.
+"""The policy decision (SPEC §6) and the domain rules it rests on: pure functions of a request
+and the facts read for it, no I/O.
 
-The caller gathers Facts, calls decide(), then persists Decision.count/bytes to
-Decision.count_domain. For a hard limit it must do that as one conditional increment that
-uses the same rule as over_limit() (allowed iff used + n <= limit, None = unlimited), and
-answer limit_decision(...) when the increment is refused, since counters may have moved.
+The caller (policyd.service) reads Facts inside the write transaction, calls decide(), and
+writes Decision.count/bytes to Decision.count_domain in that same transaction, so the facts a
+decision saw cannot change before its count is in. The rules here are the only definitions of
+what they decide, shared by the policy server, the REST increment and the API's views:
+inherited() (wildcard inheritance), ses_verified(), domain_refusal() (may a hosted domain send
+at all), over_limit() and quota_verdict() (the quota check and what enforcement makes of it).
 """
 from __future__ import annotations
 
@@ -49,6 +52,28 @@ NO_USAGE = Usage()
 
 
 @dataclass(frozen=True, slots=True)
+class Sending:
+    """A domain's outbound tier, daily and monthly limits (None = unlimited) and enforcement."""
+
+    tier: str
+    daily_limit: int | None
+    monthly_limit: int | None
+    enforcement: str  # hard | soft | off
+
+
+def inherited(own: Sending, parent: Sending | None) -> Sending:
+    """What a domain sends under: a subdomain linked to a wildcard parent uses the parent's
+    tier, limits and enforcement (SPEC §5); its counters and transfer limit stay its own."""
+    return own if parent is None else parent
+
+
+def ses_verified(status: str, parent_status: str | None) -> bool:
+    """Verified itself, or through its linked wildcard parent (its own status then reads
+    'inherited')."""
+    return status == "success" or parent_status == "success"
+
+
+@dataclass(frozen=True, slots=True)
 class DomainFacts:
     """One hosted domain, with effective (wildcard-inherited) limits and enforcement."""
 
@@ -62,6 +87,11 @@ class DomainFacts:
     monthly_limit: int | None = None
     transfer_limit_bytes: int | None = None
     enforcement: str = "hard"  # hard | soft | off
+
+    @property
+    def ses_verified(self) -> bool:
+        """Verified itself or through its parent."""
+        return ses_verified(self.ses_status, self.parent_ses_status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +168,7 @@ def domain_refusal(d: DomainFacts) -> str | None:
     """Why a hosted domain may not send at all, in SPEC §6 order (a reason), or None."""
     if d.status != "active":
         return "suspended"
-    if not ses_verified(d):
+    if not d.ses_verified:
         return "ses_unverified"
     if d.out_status != "active":
         return "blocked" if d.out_status == "blocked" else "out_suspended"
@@ -163,7 +193,7 @@ def _refusal(d: DomainFacts, facts: Facts) -> Decision | None:
 
 def _quota(req: PolicyRequest, usage: Usage, d: DomainFacts, *, counting: bool) -> Decision:
     count, nbytes = message_units(req)
-    reason = over_limit(usage, count, nbytes, d)
+    _, reason = quota_verdict(usage, count, nbytes, d)
     if not counting:  # the same check, "would it fit if counted now", counting nothing
         if reason is None:
             return _ALLOWED_UNCOUNTED
@@ -211,6 +241,14 @@ def over_limit(usage: Usage, count: int, nbytes: int, d: DomainFacts) -> str | N
     return None
 
 
+def quota_verdict(usage: Usage, count: int, nbytes: int,
+                  d: DomainFacts) -> tuple[bool, str | None]:
+    """(may it be counted, the limit it exceeds or None): over a limit, only a hard
+    enforcement refuses; soft and off count it anyway (SPEC §6)."""
+    reason = over_limit(usage, count, nbytes, d)
+    return reason is None or d.enforcement != "hard", reason
+
+
 def limit_decision(reason: str, d: DomainFacts, count: int, nbytes: int) -> Decision:
     """The reply for an exceeded limit under d.enforcement; count 0 means not counting now."""
     text = _LIMIT_TEXT.get(reason, "Sending limit")
@@ -221,11 +259,6 @@ def limit_decision(reason: str, d: DomainFacts, count: int, nbytes: int) -> Deci
     if d.enforcement == "soft":  # mail passes, counted, the breach is logged by Postfix
         return Decision(f"WARN {text} exceeded for {d.name}", reason, count, nbytes, counted_to)
     return Decision("DUNNO", reason, count, nbytes, counted_to)  # off: never limited
-
-
-def ses_verified(d: DomainFacts) -> bool:
-    """Verified itself, or through its wildcard parent (own status then 'inherited')."""
-    return d.ses_status == "success" or d.parent_ses_status == "success"
 
 
 def is_outbound(req: PolicyRequest, trusted: tuple[Network, ...]) -> bool:

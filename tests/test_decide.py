@@ -340,7 +340,8 @@ def test_inbound_bounce_with_null_sender_is_counted() -> None:
      ("inherited", None, False), ("inherited", "failed", False), ("failed", None, False)],
 )
 def test_ses_verified(own: str, parent: str | None, verified: bool) -> None:
-    assert ses_verified(dom(ses_status=own, parent_ses_status=parent)) is verified
+    assert ses_verified(own, parent) is verified
+    assert dom(ses_status=own, parent_ses_status=parent).ses_verified is verified
 
 
 NETS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))

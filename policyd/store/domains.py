@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from policyd.errors import Exists, Forbidden, Invalid, NotFound, QuotaExceeded
+from policyd.policy import Sending, inherited, ses_verified
 from policyd.store.changes import audit, record_change
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
@@ -56,18 +57,18 @@ class Domain:
     parent: Parent | None
 
     @property
-    def effective(self) -> tuple[str, int | None, int | None, str]:
-        """(tier, daily, monthly, enforcement), inherited from a wildcard parent when linked."""
-        if self.parent is not None:
-            p = self.parent
-            return p.tier, p.daily_limit, p.monthly_limit, p.enforcement
-        return self.tier, self.daily_limit, self.monthly_limit, self.enforcement
+    def effective(self) -> Sending:
+        """Tier, limits and enforcement it sends under (its wildcard parent's when linked)."""
+        own = Sending(self.tier, self.daily_limit, self.monthly_limit, self.enforcement)
+        parent = None if self.parent is None else Sending(
+            self.parent.tier, self.parent.daily_limit, self.parent.monthly_limit,
+            self.parent.enforcement)
+        return inherited(own, parent)
 
     @property
     def ses_verified(self) -> bool:
         """Verified itself, or through its wildcard parent."""
-        return self.ses_status == "success" or (
-            self.parent is not None and self.parent.ses_status == "success")
+        return ses_verified(self.ses_status, self.parent.ses_status if self.parent else None)
 
 
 def _row(r: tuple[Any, ...]) -> Domain:
