@@ -12,7 +12,6 @@ from policyd.errors import Invalid
 from policyd.names import normalize_domain
 from policyd.store import counters
 from policyd.store import domains as domain_store
-from policyd.store.changes import audit
 from policyd.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -84,9 +83,7 @@ async def _reset(request: web.Request, kind: str) -> web.Response:
     if not opt_bool(body, "current"):
         if "domain" in body:
             raise Invalid('a domain reset needs "current": true (it zeroes the running period)')
-        result = await jobs.reset(rt, kind)
-        await rt.store.write(audit, scope, f"outbound.reset_{result['kind']}", None, None, result)
-        return web.json_response(result)
+        return web.json_response(await jobs.reset(rt, kind, audited_by=scope))
     if "domain" not in body:
         raise Invalid('"current": true needs "domain"')
     name = normalised(normalize_domain, body["domain"])

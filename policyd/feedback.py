@@ -13,7 +13,7 @@ from policyd.config import OutboundConfig
 from policyd.names import InvalidName, normalize_domain
 from policyd.store import counters
 from policyd.store import notifications as outbox
-from policyd.store.domains import find_domain, update_fields
+from policyd.store.domains import block_outbound, find_domain
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
 
@@ -149,10 +149,10 @@ def guillotine(conn: sqlite3.Connection, name: str, totals: counters.Totals,
     sent = totals.sent_month
     if not bounce_rate_reached(totals.bounces, sent, limits):
         return False
+    if not block_outbound(conn, GUILLOTINE, name, "outbound.guillotine"):
+        return False  # gone, or not active (already blocked, or suspended by the master)
     domain = find_domain(conn, name)
-    if domain is None or domain.out_status != "active":
-        return False
-    update_fields(conn, GUILLOTINE, name, {"out_status": "blocked"}, "outbound.guillotine")
+    assert domain is not None  # blocked just now, in this transaction
     rate = totals.bounces / sent
     outbox.enqueue(conn, domain.partner_id, "outbound_blocked", domain=name,
                    bounce_rate=round(rate, 6), bounces=totals.bounces, sent=sent)

@@ -288,20 +288,82 @@ def set_parent(conn: sqlite3.Connection, scope: Scope, name: str, parent: str | 
     return after
 
 
-def update_fields(conn: sqlite3.Connection, scope: Scope, name: str, fields: dict[str, Any],
-                  action: str) -> tuple[Domain, Domain]:
-    """Set columns of a domain (already validated and permitted); returns (before, after)."""
+class Keep:
+    """The value of an OutboundPatch field that is not to change."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundPatch:
+    """Outbound settings to change (validated and permitted by the caller); KEEP leaves a
+    field as it is, None sets a limit to unlimited."""
+
+    tier: str | Keep = KEEP
+    daily_limit: int | None | Keep = KEEP
+    monthly_limit: int | None | Keep = KEEP
+    enforcement: str | Keep = KEEP
+    status: str | Keep = KEEP
+
+    def columns(self) -> dict[str, Any]:
+        """The domain columns this patch sets."""
+        pairs = (("out_tier", self.tier), ("out_daily_limit", self.daily_limit),
+                 ("out_monthly_limit", self.monthly_limit),
+                 ("out_enforcement", self.enforcement), ("out_status", self.status))
+        return {column: value for column, value in pairs if value is not KEEP}
+
+
+def patch_outbound(conn: sqlite3.Connection, scope: Scope, name: str,
+                   patch: OutboundPatch) -> Domain:
+    """Change a domain's outbound tier, limits, enforcement or status (audited)."""
+    return _set(conn, scope, name, patch.columns(), "outbound.update")
+
+
+def block_outbound(conn: sqlite3.Connection, scope: Scope, name: str, why: str) -> bool:
+    """Block a domain's outbound mail (the guillotine); False when it was not active."""
+    domain = find_domain(conn, name)
+    if domain is None or domain.out_status != "active":
+        return False
+    _set(conn, scope, name, {"out_status": "blocked"}, why)
+    return True
+
+
+def set_retention(conn: sqlite3.Connection, scope: Scope, name: str,
+                  days: int | None) -> Domain:
+    """Keep a domain's mail for this many days (None: for ever); audited."""
+    return _set(conn, scope, name, {"retention_days": days}, "domain.retention")
+
+
+def set_transfer_limit(conn: sqlite3.Connection, scope: Scope, name: str,
+                       limit_bytes: int | None) -> Domain:
+    """Limit a domain's monthly transfer in bytes (None: unlimited); audited."""
+    return _set(conn, scope, name, {"transfer_limit_bytes": limit_bytes}, "domain.transfer")
+
+
+def set_wildcard(conn: sqlite3.Connection, scope: Scope, name: str, wildcard: bool) -> Domain:
+    """Make a domain a wildcard parent (its new subdomains link to it) or not; audited."""
+    return _set(conn, scope, name, {"wildcard": int(wildcard)}, "domain.parent")
+
+
+def _set(conn: sqlite3.Connection, scope: Scope, name: str, fields: dict[str, Any],
+         action: str) -> Domain:
+    """Set columns of a domain and audit what changed, in this transaction; the domain after."""
     domain = get_domain(conn, scope, name)
     current = {column: getattr(domain, _ATTR.get(column, column)) for column in fields}
     changed = {c: v for c, v in fields.items() if current[c] != v}
     _update(conn, domain, changed)
     if changed:
         audit(conn, scope, action, name, {c: current[c] for c in changed}, changed)
-    return domain, get_domain(conn, scope, name)
+    return get_domain(conn, scope, name)
 
 
 _ATTR = {"out_tier": "tier", "out_daily_limit": "daily_limit",
-         "out_monthly_limit": "monthly_limit", "out_enforcement": "enforcement"}
+         "out_monthly_limit": "monthly_limit", "out_enforcement": "enforcement",
+         "out_status": "out_status"}
 
 
 def set_ses(conn: sqlite3.Connection, name: str, *, status: str, dkim_status: str | None,
