@@ -218,6 +218,21 @@ async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     await s.close()
 
 
+class WriteLock:
+    """Another process's write transaction on the daemon's database file."""
+
+    def __init__(self, path: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+
+    def __enter__(self) -> "WriteLock":
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
 def password_hash_of(conn: sqlite3.Connection, email: str) -> str | None:
     """A mailbox's password hash as stored (what Dovecot's passdb reads): a test oracle, read
     straight from the table (the product never reads it back)."""

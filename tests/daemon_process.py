@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections import deque
 from contextlib import asynccontextmanager
@@ -15,16 +14,10 @@ import aiohttp
 
 from policyd.config import load_config
 from tests.conftest import MASTER, write_config
+from tests.ports import free_port
 
 START_WAIT = 30.0  # bound on a daemon's start (never reached when all is well)
 CLI_WAIT = 120.0  # bound on one subcommand
-
-
-def free_port() -> int:
-    """A port free right now (the daemon binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def closed_port_url() -> str:

@@ -49,6 +49,8 @@ from typing import IO, Any
 
 import pytest
 
+from tests.ports import free_port
+
 CONF_POSTFIX = Path(__file__).resolve().parent.parent / "conf" / "postfix"
 MAP_FILES = {
     "virtual_mailbox_domains": "virtual_mailbox_domains.cf",
@@ -68,7 +70,6 @@ STOP_TIMEOUT = 15.0
 SWAKS_TIMEOUT = 30.0
 
 _handed_out_ports: set[int] = set()
-_port_lock = threading.Lock()
 
 
 class PostfixError(RuntimeError):
@@ -83,19 +84,6 @@ def require_postfix(*, swaks: bool = True) -> None:
         pytest.skip("swaks is not installed")
     if os.geteuid() != 0:
         pytest.skip("a private Postfix instance needs root")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a currently free TCP port on `host`, never the same one twice per process."""
-    with _port_lock:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = int(sock.getsockname()[1])
-            if port not in _handed_out_ports:
-                _handed_out_ports.add(port)
-                return port
-    raise RuntimeError("no free port found")
 
 
 @contextlib.contextmanager

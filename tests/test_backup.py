@@ -136,6 +136,7 @@ def check_standalone_copy(copy: Path, live: Path) -> None:
     assert stat.S_IMODE(copy.stat().st_mode) == stat.S_IMODE(live.stat().st_mode)
 
 
+@pytest.mark.slow
 async def test_backup_under_load_is_a_consistent_copy_that_restores(tmp_path: Path) -> None:
     db_path = tmp_path / "policyd.sqlite3"
     config = daemon_config(tmp_path, db_path)

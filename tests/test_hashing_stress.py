@@ -14,6 +14,8 @@ import pytest
 from policyd import passwords
 from tests.conftest import Daemon, PolicyClient, outbound, password_hash_of
 
+pytestmark = pytest.mark.slow  # a stress test: `pytest -m "not slow"` skips it
+
 PASSWORDS = 20
 # A generous correctness bound for a shared CI machine; SPEC §8 asks < 0.25 s with 60
 # passwords, and the measured worst case is printed so it can be reported.

@@ -5,7 +5,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from policyd.store.outbox import encode_event
 from policyd.partner_webhook import (
     SIGNATURE_HEADER,
     DeliveryError,
@@ -22,6 +20,8 @@ from policyd.partner_webhook import (
     deliver,
     sign,
 )
+from policyd.store.outbox import encode_event
+from tests.ports import free_port
 
 SECRET = "s3cret-partner-key"
 
@@ -156,9 +156,7 @@ async def test_timeout_is_delivery_error(
 
 
 async def test_connection_refused_is_delivery_error(session: aiohttp.ClientSession) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     with pytest.raises(DeliveryError) as info:
         await deliver(session, f"http://user:{SECRET}@127.0.0.1:{port}/hook?token={SECRET}",
                       b"{}", SECRET)

@@ -23,7 +23,6 @@ from tests.postfix_harness import (
     MAP_FILES,
     PostfixError,
     PrivatePostfix,
-    free_port,
     parse_swaks_transcript,
     policy_clause,
     postfix_workdir,
@@ -31,6 +30,7 @@ from tests.postfix_harness import (
     require_postfix,
     write_config_file,
 )
+from tests.ports import free_port
 
 SCHEMA = CONF_POSTFIX.parent.parent / "schema.sql"
 OUTSIDE = "127.0.0.2"  # not in mynetworks: an inbound client

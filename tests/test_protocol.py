@@ -18,6 +18,7 @@ from policyd.protocol import (
     parse_request,
     to_request,
 )
+from tests.protocol_oracle import RequestBuilder
 
 
 @pytest.mark.parametrize(
@@ -230,3 +231,31 @@ def test_fold_domain_agrees_with_the_api(raw: str) -> None:
                                  "straße.de", "例え.jp"])
 def test_fold_domain_agrees_with_the_api_examples(raw: str) -> None:
     assert fold_domain(raw) == api_normalize_domain(raw)
+
+
+# --- the request parser of the server agrees with the line parser ------------------------
+
+@given(st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b
+                                              and b.rstrip(b"\r") != b""), max_size=12))
+def test_parse_request_agrees_with_the_line_parser(lines: list[bytes]) -> None:
+    data = b"".join(line + b"\n" for line in lines) + b"\n"
+    builder = RequestBuilder()
+    try:
+        expected: dict[str, str] | None = None
+        for line in lines:
+            assert builder.add(line + b"\n") is None
+        expected = builder.add(b"\n")
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            parse_request(data)
+        return
+    assert parse_request(data) == expected
+
+
+def test_parse_request_long_lines_and_crlf() -> None:
+    assert parse_request(b"a=b\r\nc=d=e\r\n\n") == {"a": "b", "c": "d=e"}
+    assert parse_request(b"a=" + b"x" * 65530 + b"\r\nb=1\r\n\n")["b"] == "1"
+    with pytest.raises(ProtocolError, match="line over"):
+        parse_request(b"a=" + b"x" * 65540 + b"\n\n")
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        parse_request(b"a=" + b"x" * 65530 + b"\nb=\xff\n\n")

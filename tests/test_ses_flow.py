@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +32,7 @@ from policyd.store import outbox
 from policyd.store.scope import MASTER as MASTER_SCOPE
 from tests.conftest import Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running
+from tests.ports import free_port
 
 REGION = "us-east-1"
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -62,9 +62,7 @@ def moto_url(moto_server: str) -> Iterator[str]:
 
 def closed_port_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens (SES unreachable)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
