@@ -5,7 +5,7 @@ no network listener. It reads conf/dovecot/99-policyd.conf and dovecot-policyd-s
 through `!include`, with only these substitutions (SUBSTITUTIONS below, nothing else):
 
     dovecot-policyd-sql.conf.ext  connect = /var/lib/policyd/... -> the test's database
-                                  '/var/vmail/                   -> `mail_root` (if given)
+                                  /var/vmail/                    -> `mail_root` (if given)
     99-policyd.conf               /etc/dovecot/dovecot-policyd-sql.conf.ext -> the copy above
                                   /var/spool/postfix/            -> `spool`: the private
                                                                     Postfix's queue_directory
@@ -63,7 +63,7 @@ def substitutions(workdir: Path, database: Path, spool: Path,
     """The only changes made to conf/dovecot/ files: {file: [(old, new), ...]}."""
     sql = [("connect = /var/lib/policyd/policyd.sqlite3", f"connect = {database}")]
     if mail_root is not None:
-        sql.append(("'/var/vmail/", f"'{mail_root}/"))
+        sql.append(("/var/vmail/", f"{mail_root}/"))
     return {
         SQL_CONF: sql,
         MAIN_CONF: [(f"/etc/dovecot/{SQL_CONF}", str(workdir / SQL_CONF)),
@@ -90,7 +90,8 @@ class PrivateDovecot:
         self._attempts = 0
         self.spool = spool or workdir / "spool"
         self.config = workdir / "dovecot.conf"
-        (self.spool / "private").mkdir(parents=True, exist_ok=True)
+        if spool is None:  # no Postfix: a directory for the sockets it would have
+            (self.spool / "private").mkdir(parents=True)
         for name, changes in substitutions(workdir, database, self.spool, mail_root).items():
             (workdir / name).write_text(render(name, changes))
         self.config.write_text(
