@@ -14,7 +14,7 @@
 #   /usr/local/lib/systemd/system/policyd*   the service and its timers, enabled
 #   /etc/policyd/policyd.ini         written once (0640 root:policyd, with a new master token),
 #                                    never overwritten afterwards
-#   /var/lib/policyd/                the database (policyd:policyd 0750); `policyd serve`
+#   /var/lib/policyd/                the database (policyd:postfix 0750); `policyd serve`
 #                                    creates and migrates it on start
 #
 # Under a running systemd the service is (re)started and the timers started; otherwise (a
@@ -215,7 +215,13 @@ install_all() {
     switch_to "$venv" && changed=1
     put "$SRC/systemd/policyd.sysusers" "$SYSUSERS" 0644 || true
     systemd-sysusers "$SYSUSERS"
-    install -d -m 0750 -o policyd -g policyd "$STATE"
+    # sysusers never changes an existing user: one made before (by hand, or by an older
+    # policyd.sysusers) gets the primary group Postfix reads the database with.
+    if [ "$(id -gn policyd)" != postfix ]; then
+        usermod -g postfix policyd
+        say "policyd's primary group is now postfix"
+    fi
+    install -d -m 0750 -o policyd -g postfix "$STATE"
     write_config || true
     install_units && changed=1
     "$BIN" check-config --config "$CONFIG" >/dev/null ||

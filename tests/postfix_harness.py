@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import pty
+import pwd
 import re
 import shutil
 import signal
@@ -769,9 +770,15 @@ def _run_with_tty_stderr(args: list[str], timeout: float) -> subprocess.Complete
 
 
 def _require_traversable(path: Path) -> None:
-    """Fail fast unless the unprivileged `postfix` user can reach `path` (o+x on the way)."""
+    """Fail fast unless the unprivileged `postfix` user can reach `path`: x on the way, for
+    others or for the postfix group (Postfix's daemons have no other group)."""
+    postfix = pwd.getpwnam("postfix")
     for directory in (path, *path.parents):
-        if directory.exists() and not directory.stat().st_mode & stat.S_IXOTH:
+        if not directory.exists():
+            continue
+        info = directory.stat()
+        if not (info.st_mode & stat.S_IXOTH or (info.st_mode & stat.S_IXGRP
+                                                 and info.st_gid == postfix.pw_gid)):
             raise PostfixError(f"the postfix user cannot traverse {directory} (needed for "
                                f"{path}); use postfix_workdir() instead of tmp_path")
 

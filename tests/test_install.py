@@ -153,15 +153,18 @@ def test_installed_layout(installed: Installed) -> None:
     assert BIN.resolve().is_relative_to(PREFIX) and os.access(BIN, os.X_OK)
     policyd = pwd.getpwnam("policyd")
     info = CONFIG.stat()
-    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o640, 0, policyd.pw_gid)
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (
+        0o640, 0, grp.getgrnam("policyd").gr_gid)
     settings = dict(line.split(" = ", 1) for line in CONFIG.read_text().splitlines()
                     if " = " in line and not line.startswith("#"))
     assert settings["path"] == "/var/lib/policyd/policyd.sqlite3"
     assert len(settings["master_token"]) >= 32
+    postfix = grp.getgrnam("postfix")
+    assert policyd.pw_gid == postfix.gr_gid  # Postfix reads the database through its group
     info = STATE.stat()
-    assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o750, policyd.pw_uid)
-    members = grp.getgrnam("policyd").gr_mem
-    assert "postfix" in members and "dovecot" in members
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (
+        0o750, policyd.pw_uid, postfix.gr_gid)
+    assert grp.getgrnam("policyd").gr_mem == ["policyd"]
     assert SYSUSERS.read_text() == (REPO / "systemd" / "policyd.sysusers").read_text()
     for unit in UNITS:
         assert (UNIT_DIR / unit).read_text() == (REPO / "systemd" / unit).read_text()
@@ -185,7 +188,9 @@ def test_program_runs_as_the_policyd_user(installed: Installed) -> None:
                            str(CONFIG)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     database = STATE / "policyd.sqlite3"
-    assert database.stat().st_uid == pwd.getpwnam("policyd").pw_uid
+    owner = database.stat()
+    assert (owner.st_uid, owner.st_gid) == (pwd.getpwnam("policyd").pw_uid,
+                                            grp.getgrnam("postfix").gr_gid)
     assert str(database) in done.stdout
 
 

@@ -15,6 +15,7 @@ login from an address that just failed.
 from __future__ import annotations
 
 import datetime
+import grp
 import json
 import os
 import pwd
@@ -87,13 +88,21 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 class Policyd:
-    """`policyd serve --config FILE` in a process of its own; the API through urllib."""
+    """`policyd serve --config FILE` in a process of its own; the API through urllib.
 
-    def __init__(self, workdir: Path, ses_url: str) -> None:
-        self.dir = workdir
-        self.database = workdir / "policyd.sqlite3"
+    As under systemd/policyd.service, it runs with group postfix and umask 0027 in a state
+    directory that is 0750 and group postfix: Postfix's proxymap reads the database through
+    the postfix group alone, as it must on a mail host.
+    """
+
+    def __init__(self, workdir: Path, ses_url: str, group: str = "postfix") -> None:
+        self.dir = workdir / "state"
+        self.dir.mkdir(mode=0o750)
+        self.group = group
+        os.chown(self.dir, 0, grp.getgrnam(group).gr_gid)
+        self.database = self.dir / "policyd.sqlite3"
         self.policy_port, self.api_port = free_port(), free_port()
-        self.config = workdir / "policyd.ini"
+        self.config = self.dir / "policyd.ini"
         self.config.write_text(
             f"[database]\npath = {self.database}\n"
             f"[policy]\nlisten = 127.0.0.1:{self.policy_port}\n"
@@ -112,7 +121,8 @@ class Policyd:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "policyd", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env)
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, env=env,
+                group=self.group, extra_groups=[], umask=0o027)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
