@@ -311,6 +311,12 @@ def test_a_wrong_password_or_an_inactive_mailbox_gets_535(host: MailHost) -> Non
         assert refused.stage_codes.get("AUTH") == 535, refused.transcript
         assert not refused.accepted
     assert host.policyd.sent_today("login.test") == 0
+    # The log lines README's troubleshooting table names (Dovecot's auth_verbose).
+    log = host.dovecot.log()
+    assert re.search(r"sql\(sam@login\.test,127\.0\.0\.3[^)]*\): Password mismatch", log), log
+    assert re.search(r"sql\(old@login\.test,127\.0\.0\.4[^)]*\): unknown user", log), log
+    assert re.search(r"SASL PLAIN authentication failed: .*sasl_username=sam@login\.test",
+                     host.postfix.maillog())
 
 
 def test_a_recipient_over_quota_is_refused_by_dovecot(host: MailHost) -> None:
@@ -352,10 +358,14 @@ def test_suspended_domain_mail_is_held_then_delivered_whole_and_its_logins_refus
 
     assert held.accepted, held.transcript
     assert held.queue_id in host.postfix.held_queue_ids()
+    host.postfix.wait_for_maillog(r"NOQUEUE: hold: RCPT from .*: <dan@frozen\.test>: "
+                                  r"Recipient address Domain frozen\.test is suspended")
     assert host.maildir("dan@frozen.test") == []
     login = host.submit("dan@frozen.test", "x@example.org", local_interface="127.0.0.5")
     assert login.stage_codes.get("AUTH") == 535, login.transcript
     assert host.dovecot.auth("dan@frozen.test", PASSWORD).returncode != 0
+    assert re.search(r"sql\(dan@frozen\.test,127\.0\.0\.5[^)]*\): unknown user",
+                     host.dovecot.log())
 
     host.policyd.ok("PUT", "/domains/frozen.test/activate")
     host.postfix.release(str(held.queue_id))
