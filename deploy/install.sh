@@ -212,7 +212,6 @@ install_all() {
     local hash venv changed=0
     hash=$(source_hash)
     venv=$(build_venv "$hash")
-    switch_to "$venv" && changed=1
     put "$SRC/systemd/policyd.sysusers" "$SYSUSERS" 0644 || true
     systemd-sysusers "$SYSUSERS"
     # sysusers never changes an existing user: one made before (by hand, or by an older
@@ -223,9 +222,11 @@ install_all() {
     fi
     install -d -m 0750 -o policyd -g postfix "$STATE"
     write_config || true
+    # The new program must accept the config before it replaces the running one.
+    "$venv/bin/policyd" check-config --config "$CONFIG" >/dev/null ||
+        die "$CONFIG does not validate: $venv/bin/policyd check-config --config $CONFIG"
+    switch_to "$venv" && changed=1
     install_units && changed=1
-    "$BIN" check-config --config "$CONFIG" >/dev/null ||
-        die "$CONFIG does not validate: $BIN check-config --config $CONFIG"
     start_or_explain "$changed"
     if [ "$changed" = 0 ]; then
         say "already installed from this checkout ($hash): nothing changed"
