@@ -95,7 +95,8 @@ for top in sys.argv[1:]:
         paths.append(top)
 for path in sorted(paths):
     with open(path, "rb") as handle:
-        digest.update(b"%s\0%s\n" % (path.encode(), hashlib.sha256(handle.read()).hexdigest().encode()))
+        content = hashlib.sha256(handle.read()).hexdigest()
+    digest.update(f"{path}\0{content}\n".encode())
 print(digest.hexdigest()[:16])
 PY
     )
