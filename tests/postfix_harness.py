@@ -70,7 +70,6 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 SWAKS_TIMEOUT = 30.0
 
-_handed_out_ports: set[int] = set()
 
 
 class PostfixError(RuntimeError):

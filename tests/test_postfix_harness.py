@@ -9,7 +9,6 @@ WAL database, SASL logins reach the policy service, and a dead policy service de
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 import subprocess
 import threading
