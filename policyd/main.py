@@ -32,6 +32,11 @@ def master_token(config: Config) -> str:
         return config.auth.master_token
     path = config.db_path.resolve().parent / "master.token"
     if path.exists():
+        # A replica of the database (Litestream, `policyd backup`) does not carry this file:
+        # a node restored from it would mint a new token and every client would get 401.
+        log.warning("master token read from %s, which only this host has: set [auth] "
+                    "master_token or POLICYD_MASTER_TOKEN so that a restored database "
+                    "keeps it (see the README's failover runbook)", path)
         return path.read_text(encoding="utf-8").strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
