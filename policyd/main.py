@@ -16,6 +16,7 @@ from aiohttp import web
 from policyd.config import Config
 from policyd.notifications import Notifier
 from policyd.policyserver import PolicyServer
+from policyd.replication import ReplicationMonitor
 from policyd.runtime import Runtime
 from policyd.scheduler import Scheduler
 from policyd.service import PolicyService
@@ -87,6 +88,7 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
             sched.start()
         sender = (asyncio.create_task(rt.notifier.run(rt.config.scheduler.notify_interval),
                                       name="notifier") if notifier else None)
+        watcher = start_replication_monitor(rt)
         try:
             yield
         finally:
@@ -94,15 +96,25 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
                 await server.stop()
             if sched:
                 await sched.stop()
-            if sender is not None:
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+            for task in (sender, watcher):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await rt.tasks.drain(timeout=5)
             await rt.sns.close()
             await rt.http.close()
             await rt.store.close()
             log.info("stopped cleanly")
     return ctx
+
+
+def start_replication_monitor(rt: Runtime) -> asyncio.Task[None] | None:
+    """Watch Litestream's control socket when [replication] control_socket is set."""
+    if not rt.config.replication.control_socket:
+        return None
+    rt.replication = ReplicationMonitor(rt.config.replication, rt.config.db_path,
+                                        rt.metrics.registry)
+    return asyncio.create_task(rt.replication.run(), name="replication-monitor")
 
 
 async def start_policy(rt: Runtime) -> PolicyServer:

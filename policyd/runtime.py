@@ -55,6 +55,7 @@ class Runtime:
     notifier: Any = None   # policyd.notifications.Notifier
     http: Any = None       # aiohttp.ClientSession for outgoing calls
     policy_server: Any = None  # policyd.policyserver.PolicyServer, once started
+    replication: Any = None  # policyd.replication.ReplicationMonitor, when [replication] is set
 
     def __post_init__(self) -> None:
         self.periods = Periods(self.config.outbound.timezone)
