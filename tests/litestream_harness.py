@@ -405,8 +405,10 @@ async def trial(workdir: Path, moto: MotoS3, binary: str, *, interval: str = "1s
         load.start()
         await load.wait_answers(100)
         synced = len(load.answered)
+        # Returns once the replica holds all the WAL had when asked (its `txid` may already
+        # be one more: a sync of Litestream's own that ran meanwhile).
         confirmed = await litestream.sync()
-        assert confirmed["replicated_txid"] >= confirmed["txid"], confirmed
+        assert confirmed["status"] in ("synced", "no_change"), confirmed
         deadline = time.monotonic() + load_seconds
         if during is not None:
             await during(daemon, litestream)
@@ -417,6 +419,8 @@ async def trial(workdir: Path, moto: MotoS3, binary: str, *, interval: str = "1s
         litestream.proc.send_signal(signal.SIGKILL)  # the host dies: both at once
         daemon.proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
+        # reaped here, so that kill() below never signals (and reaps) them a second time
+        assert await litestream.proc.wait() == await daemon.proc.wait() == -signal.SIGKILL
         await load.finish()
     finally:
         await kill(litestream.proc)
