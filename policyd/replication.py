@@ -62,7 +62,7 @@ class ReplicationMonitor:
         lag = Gauge("policyd_replication_lag_seconds",
                     "Age of the last successful replica sync (NaN: none known)",
                     registry=registry)
-        lag.set_function(lambda: math.nan if self.lag() is None else self.lag())
+        lag.set_function(self._lag_or_nan)
 
     async def run(self) -> None:
         """Poll until cancelled."""
@@ -70,7 +70,10 @@ class ReplicationMonitor:
         async with aiohttp.ClientSession(connector=connector) as session:
             while True:  # first look after one interval: Litestream starts beside us
                 await asyncio.sleep(self._config.poll_interval)
-                self.record(await self.ask(session))
+                try:
+                    self.record(await self.ask(session))
+                except Exception:  # a bug: logged, and the next look tries again
+                    log.exception("replication check failed")
 
     async def ask(self, session: aiohttp.ClientSession) -> Seen:
         """One `GET /list` on the control socket, turned into what we keep."""
@@ -118,13 +121,21 @@ class ReplicationMonitor:
 
     def lag(self) -> float | None:
         """Seconds between the last successful sync and the last answer (or now, once
-        Litestream stops answering); None when no sync is known."""
-        last, seen = self.seen.last_sync_at, self.seen
-        if last is None:
+        Litestream stops answering, or the last answer is overdue); None when no sync is
+        known."""
+        seen, now = self.seen, self._now()
+        if seen.last_sync_at is None:
             return None
-        until = seen.checked_at if seen.status == "replicating" and seen.checked_at else \
-            self._now()
-        return max(0.0, (until - last).total_seconds())
+        until = now
+        if seen.status == "replicating" and seen.checked_at is not None:
+            overdue = 2 * self._config.poll_interval + ASK_TIMEOUT
+            if (now - seen.checked_at).total_seconds() <= overdue:
+                until = seen.checked_at
+        return max(0.0, (until - seen.last_sync_at).total_seconds())
+
+    def _lag_or_nan(self) -> float:
+        lag = self.lag()
+        return math.nan if lag is None else lag
 
     def ok(self) -> bool:
         """Replicating, with a lag within [replication] max_lag."""

@@ -163,3 +163,23 @@ async def test_health_has_no_replication_field_unless_watched(daemon: Daemon) ->
     assert status == 200 and "replication" not in body
     status, text = await daemon.api("GET", "/metrics")
     assert "policyd_replication" not in text
+
+
+def test_an_overdue_look_counts_as_no_answer() -> None:
+    """If the looks stop (the watcher stuck or dead), the lag grows from the last sync known
+    instead of staying what the last answer said."""
+    from prometheus_client import CollectorRegistry
+
+    from policyd.config import ReplicationConfig
+    from policyd.replication import ReplicationMonitor, Seen
+
+    clock = [datetime(2026, 11, 24, 12, 0, 0, tzinfo=timezone.utc)]
+    monitor = ReplicationMonitor(ReplicationConfig("/nonexistent.sock", 5.0, 30.0),
+                                 Path("db.sqlite3"), CollectorRegistry(), now=lambda: clock[0])
+    synced = clock[0] - timedelta(seconds=1)
+    monitor.record(Seen("replicating", synced, clock[0]))
+    clock[0] += timedelta(seconds=10)  # within 2 looks (+ the answer's timeout): as answered
+    assert monitor.lag() == 1.0 and monitor.ok()
+    clock[0] += timedelta(seconds=60)  # no look for over a minute
+    assert monitor.lag() == 71.0 and not monitor.ok()
+    assert monitor.health()["lag_seconds"] == 71.0
