@@ -31,5 +31,5 @@ if [ "$(id -u)" = 0 ] && ! getent passwd vmail >/dev/null; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q ".[test]"
+.venv/bin/pip install -q ".[test,replication]"
 exec .venv/bin/python -m pytest "$@"

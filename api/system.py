@@ -40,9 +40,12 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "error", "db": "error",
              "error": {"code": "unavailable", "message": "database unusable"}}, status=503)
-    return web.json_response({"status": "ok", "db": "ok", "schema_version": version,
-                              "expected_schema_version": SCHEMA_VERSION,
-                              "version": __version__})
+    body = {"status": "ok", "db": "ok", "schema_version": version,
+            "expected_schema_version": SCHEMA_VERSION, "version": __version__}
+    replication = runtime_of(request).replication
+    if replication is not None:  # informative: a lagging replica does not fail the check
+        body["replication"] = replication.health()
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -157,6 +157,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "notify_interval": (_positive_float, "30"),
         "sweep_interval": (_positive_float, "60"),
     },
+    "replication": {
+        "control_socket": (_text, ""),
+        "poll_interval": (_positive_float, "5"),
+        "max_lag": (_positive_float, "30"),
+    },
 }
 
 BUILTIN_TIERS: dict[str, tuple[int | None, int | None]] = {
@@ -248,10 +253,17 @@ class SchedulerConfig:
     sweep_interval: float
 
 
+@dataclass(frozen=True)
+class ReplicationConfig:
+    control_socket: str
+    poll_interval: float
+    max_lag: float
+
+
 _SECTIONS: dict[str, type] = {
     "database": DatabaseConfig, "policy": PolicyConfig, "api": ApiConfig, "auth": AuthConfig,
     "ses": SesConfig, "sns": SnsConfig, "dns": DnsConfig, "outbound": OutboundConfig,
-    "mail": MailConfig, "scheduler": SchedulerConfig,
+    "mail": MailConfig, "scheduler": SchedulerConfig, "replication": ReplicationConfig,
 }
 
 
@@ -267,6 +279,7 @@ class Config:
     outbound: OutboundConfig
     mail: MailConfig
     scheduler: SchedulerConfig
+    replication: ReplicationConfig
     tiers: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     source: str = ""
 

@@ -17,6 +17,7 @@ from policyd.config import Config
 from policyd.config import warnings as config_warnings
 from policyd.notifier import Notifier
 from policyd.policyserver import PolicyServer
+from policyd.replication import ReplicationMonitor
 from policyd.runtime import Runtime
 from policyd.scheduler import Scheduler
 from policyd.service import PolicyService
@@ -33,6 +34,11 @@ def master_token(config: Config) -> str:
         return config.auth.master_token
     path = config.db_path.resolve().parent / "master.token"
     if path.exists():
+        # A replica of the database (Litestream, `policyd backup`) does not carry this file:
+        # a node restored from it would mint a new token and every client would get 401.
+        log.warning("master token read from %s, which only this host has: set [auth] "
+                    "master_token or POLICYD_MASTER_TOKEN so that a restored database "
+                    "keeps it (see the README's failover runbook)", path)
         return path.read_text(encoding="utf-8").strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
@@ -83,6 +89,7 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
             sched.start()
         sender = (asyncio.create_task(rt.notifier.run(rt.config.scheduler.notify_interval),
                                       name="notifier") if notifier else None)
+        watcher = start_replication_monitor(rt)
         try:
             yield
         finally:
@@ -90,9 +97,10 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
                 await server.stop()
             if sched:
                 await sched.stop()
-            if sender is not None:
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+            for task in (sender, watcher):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await rt.tasks.drain(timeout=5)
             if rt.sns is not None:
                 await rt.sns.close()
@@ -101,6 +109,15 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
             await rt.store.close()
             log.info("stopped cleanly")
     return ctx
+
+
+def start_replication_monitor(rt: Runtime) -> asyncio.Task[None] | None:
+    """Watch Litestream's control socket when [replication] control_socket is set."""
+    if not rt.config.replication.control_socket:
+        return None
+    rt.replication = ReplicationMonitor(rt.config.replication, rt.config.db_path,
+                                        rt.metrics.registry)
+    return asyncio.create_task(rt.replication.run(), name="replication-monitor")
 
 
 async def start_policy(rt: Runtime) -> PolicyServer:

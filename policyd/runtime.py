@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # built by policyd.main, which imports them all; no import cy
 
     from policyd.notifier import Notifier
     from policyd.policyserver import PolicyServer
+    from policyd.replication import ReplicationMonitor
     from policyd.ses import SesClient
     from policyd.sns import SnsVerifier
 
@@ -63,6 +64,7 @@ class Runtime:
     notifier: Notifier | None = None  # None in one-shot commands
     http: aiohttp.ClientSession | None = None  # outgoing calls (partner webhooks)
     policy_server: PolicyServer | None = None  # once started
+    replication: ReplicationMonitor | None = None  # when [replication] is set
 
     def __post_init__(self) -> None:
         self.periods = Periods(self.config.outbound.timezone)
