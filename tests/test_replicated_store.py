@@ -21,7 +21,7 @@ import pytest
 
 from policyd.config import Config
 from policyd.main import master_token
-from policyd.store import CHECKPOINT_EVERY, Store, connect, open_and_migrate
+from policyd.store import Store, connect, open_and_migrate
 from policyd.store import counters
 from policyd.store import domains as domain_store
 from policyd.store.schema import migrate, objects
@@ -29,6 +29,7 @@ from policyd.store.scope import MASTER
 
 DOMAIN = "replicated.example"
 DAY, MONTH = "2026-11-24", "2026-11"
+CHECKPOINT_EVERY = 100  # commits between checkpoints (the real default is 1,000)
 WRITES = 2 * CHECKPOINT_EVERY + 50  # two checkpoints and then some
 DEADLINE = 120.0  # seconds; PASSIVE takes a second or two, anything else waits BUSY_TIMEOUT
 BUSY_TIMEOUT = 600.0
@@ -47,7 +48,8 @@ def _sent_today(conn: sqlite3.Connection, domain_id: int) -> int:
 
 
 async def test_checkpoints_never_wait_for_a_reader_holding_a_snapshot(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3", busy_timeout=BUSY_TIMEOUT)
+    store = Store(tmp_path / "db.sqlite3", busy_timeout=BUSY_TIMEOUT,
+                  checkpoint_every=CHECKPOINT_EVERY)
     await store.open()
     reader: sqlite3.Connection | None = None
     try:
