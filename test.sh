@@ -2,11 +2,11 @@
 # Set up and run the whole test suite: system packages the integration tests use (Postfix
 # with sqlite maps, swaks, sqlite3, Dovecot with its SQLite driver) and the vmail user when
 # run as root, a venv with the package and its test extras, then pytest. This is the command
-# .ci/run calls.
+# .ci/run calls. Chromium and chromium-driver run the portal's browser tests.
 set -euo pipefail
 cd "$(dirname "$0")"
 missing=0
-for tool in postmap swaks sqlite3 doveadm; do command -v "$tool" >/dev/null || missing=1; done
+for tool in postmap swaks sqlite3 doveadm chromium chromedriver; do command -v "$tool" >/dev/null || missing=1; done
 dpkg -s postfix-sqlite >/dev/null 2>&1 || missing=1
 dpkg -s dovecot-sqlite >/dev/null 2>&1 || missing=1
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing=1
@@ -15,7 +15,8 @@ if [ "$missing" = 1 ]; then
         echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
         apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            postfix postfix-sqlite swaks sqlite3 python3-venv dovecot-core dovecot-sqlite
+            postfix postfix-sqlite swaks sqlite3 python3-venv dovecot-core dovecot-sqlite \
+            chromium chromium-driver
     else
         echo "not root: tests needing Postfix, swaks or Dovecot are skipped where they are" \
             "missing" >&2

@@ -6,7 +6,7 @@ export const PURPOSE_LABELS = {
   dkim: 'DKIM signing',
   mx: 'Incoming mail (MX)',
   spf: 'SPF',
-  dmarc: 'DMARC (suggested)',
+  dmarc: 'DMARC',
 };
 
 const TTL = 3600;
@@ -159,11 +159,11 @@ function spfVerdict(check) {
   if (found.length > 1) {
     return {
       ok: false, fix,
-      text: `${found.length} SPF records found. A domain may have only one (RFC 7208), so receivers treat all of them as an error. Replace them with this single merged record:`,
+      text: `${found.length} SPF records found. A domain may have only one (RFC 7208): with more, receivers treat SPF as an error. Replace them all with the one merged record shown as the value.`,
     };
   }
   if (found.length === 1) {
-    return { ok: false, fix, text: 'Your SPF record lacks the platform\'s include. Change it (do not add a second one) to:' };
+    return { ok: false, fix, text: 'Your SPF record lacks the platform\'s include. Change that record to the value shown; do not add a second one.' };
   }
   return { ok: false, text: 'No SPF record found. Publish the record shown.' };
 }

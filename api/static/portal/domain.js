@@ -242,25 +242,33 @@ function recordLabel(record, index, records) {
   return label;
 }
 
-function verdictCell(record, result, checking) {
+function verdictCell(record, v, checking) {
   if (checking) return el('span', { className: 'hint' }, 'Checking…');
-  if (!result) return el('span', { className: 'hint' }, 'Not checked');
-  const v = verdict(record, checkFor(record, result));
   if (!v) return el('span', { className: 'hint' }, 'Not checked');
-  const label = record.purpose === 'dmarc' && !v.ok ? 'Missing (optional)' : (v.ok ? 'OK' : 'Needs fixing');
-  return el('div', { className: 'verdict' }, tick(v.ok, label), el('p', { className: 'verdict-text' }, v.text),
-    v.fix ? copyable(v.fix, `the corrected ${record.purpose.toUpperCase()} record`) : null);
+  const optional = !record.required && !v.ok;
+  const label = optional ? 'Not published (optional)' : (v.ok ? 'OK' : 'Needs fixing');
+  return el('div', { className: 'verdict' }, tick(optional ? 'optional' : v.ok, label),
+    el('p', { className: 'verdict-text' }, v.text));
 }
 
-function recordRow(record, index, records, result, checking) {
+/** The value to publish: the record's, or the fix a check found (an SPF record merged). */
+function publishValue(record, v) {
+  return v?.fix ?? String(record.value ?? '');
+}
+
+function recordRow(record, index, records, zone, result, checking) {
   const label = recordLabel(record, index, records);
-  const value = String(record.value ?? '');
+  const v = result ? verdict(record, checkFor(record, result)) : null;
+  const value = publishValue(record, v);
+  const host = relativeName(record.name, zone);
   return el('tr', { 'data-purpose': record.purpose, 'data-name': record.name },
     el('th', { scope: 'row', 'data-label': 'Record' }, label, record.required ? null : el('span', { className: 'hint' }, ' (optional)')),
     el('td', { 'data-label': 'Type' }, record.type),
-    el('td', { 'data-label': 'Name' }, copyable(String(record.name), `name of the ${label} record`)),
-    el('td', { 'data-label': 'Value' }, copyable(value, `value of the ${label} record`)),
-    el('td', { 'data-label': 'Check', className: 'record-check' }, verdictCell(record, result, checking)));
+    el('td', { 'data-label': 'Name' }, copyable(String(record.name), `name of the ${label} record`),
+      host.endsWith('.') ? null : el('span', { className: 'host' }, `Host in the ${toUnicode(zone)} zone: `, el('code', {}, host))),
+    el('td', { 'data-label': 'Value' }, copyable(value, `value of the ${label} record`),
+      v?.fix ? el('span', { className: 'host' }, 'Adjusted to the SPF records you have now.') : null),
+    el('td', { 'data-label': 'Check', className: 'record-check' }, verdictCell(record, v, checking)));
 }
 
 function extraCheckRow(check) {
@@ -278,11 +286,11 @@ function extraCheckRow(check) {
     el('td', { 'data-label': 'Check' }, el('div', { className: 'verdict' }, tick(check.ok === true, check.ok ? 'OK' : 'Needs fixing'), el('p', { className: 'verdict-text' }, text))));
 }
 
-function recordsTable(caption, records, result, checking, extra = []) {
+function recordsTable(caption, records, zone, result, checking, extra = []) {
   return el('div', { className: 'table-wrap' }, el('table', { className: 'records' },
     el('caption', {}, caption),
     el('thead', {}, el('tr', {}, ['Record', 'Type', 'Name', 'Value', 'Check'].map((h) => el('th', { scope: 'col' }, h)))),
-    el('tbody', {}, records.map((r, i) => recordRow(r, i, records, result, checking)), extra)));
+    el('tbody', {}, records.map((r, i) => recordRow(r, i, records, zone, result, checking)), extra)));
 }
 
 function zoneOf(entry) {
@@ -300,13 +308,22 @@ function renderDns(ctx) {
   const message = el('p', { className: 'message message-error', role: 'alert', hidden: true });
   const button = el('button', { type: 'button', className: 'button' }, 'Check DNS again');
   const body = el('div', {});
-  const snippetRecords = own;
-  const snippet = zoneSnippet(snippetRecords, zone);
+  const snippetHolder = el('div', { className: 'snippet' });
   const sesMissing = !inherited.length && !own.some((r) => r.purpose === 'ses');
+
+  const drawSnippet = (result) => {
+    // with a check's fixes applied (one merged SPF record), so the snippet is what to publish
+    const publish = own.map((r) => ({ ...r, value: publishValue(r, result ? verdict(r, checkFor(r, result)) : null) }));
+    const snippet = zoneSnippet(publish, zone);
+    snippetHolder.replaceChildren(
+      el('pre', { id: 'zone-snippet', tabIndex: 0, 'aria-label': 'Zone file snippet' }, el('code', {}, snippet)),
+      copyButton(snippet, 'zone file snippet', 'Copy snippet'));
+  };
 
   const draw = (result, checking) => {
     const parts = [];
-    parts.push(recordsTable(`Records for ${entry.uname}`, own, result, checking,
+    drawSnippet(result);
+    parts.push(recordsTable(`Records for ${entry.uname}`, own, zone, result, checking,
       result ? unmatchedChecks(records, result).filter((c) => c.type === 'MX').map(extraCheckRow) : []));
     if (sesMissing) {
       parts.push(el('p', { className: 'message message-warn' },
@@ -317,7 +334,7 @@ function renderDns(ctx) {
       parts.push(el('h4', {}, `Sending records of ${parent}`),
         el('p', { className: 'hint' }, `${entry.uname} sends under ${parent}, so these belong in ${parent}'s DNS, not this domain's. They are checked here because this domain depends on them.`,
           state.byName.has(inherited[0].inherited_from) ? [' ', el('a', { href: domainHash(inherited[0].inherited_from) }, `Open ${parent}`)] : null),
-        recordsTable(`Records ${entry.uname} uses from ${parent}`, inherited, result, checking));
+        recordsTable(`Records ${entry.uname} uses from ${parent}`, inherited, inherited[0].inherited_from, result, checking));
     }
     body.replaceChildren(...parts);
   };
@@ -357,8 +374,7 @@ function renderDns(ctx) {
     el('div', { className: 'check-bar' }, button, status), message, body,
     el('h4', {}, 'Zone file snippet'),
     el('p', { className: 'hint' }, `This domain's own records in zone-file form, names relative to the zone ${toUnicode(zone)} ($ORIGIN). Paste it into a zone file or a DNS provider's import.`),
-    el('div', { className: 'snippet' }, el('pre', { id: 'zone-snippet', tabIndex: 0, 'aria-label': 'Zone file snippet' }, el('code', {}, snippet)),
-      copyButton(snippet, 'zone file snippet', 'Copy snippet')));
+    snippetHolder);
   draw(null, false);
   return check();
 }
@@ -470,16 +486,17 @@ function renderSending(ctx) {
     el('dl', { className: 'summary' },
       item('Sending now', badge(sending.text, sending.tone)),
       item('Tier', `${out.tier ?? '—'}${inherited}`),
-      item('At a limit', `${out.enforcement ?? '—'}: ${enforcementWords(out.enforcement)}`),
+      item('Enforcement', out.enforcement ?? '—'),
       item('Bounces this month', `${formatCount(out.bounces)} (${formatPercent(out.bounce_rate)})`),
-      item('Complaints this month', `${formatCount(out.complaints)} (${formatPercent(out.complaint_rate)})`),
-      item('Retention', typeof d.retention_days === 'number'
-        ? `Messages older than ${formatCount(d.retention_days)} days are deleted every night.`
-        : 'Messages are kept until deleted (no retention period).')),
+      item('Complaints this month', `${formatCount(out.complaints)} (${formatPercent(out.complaint_rate)})`)),
+    el('p', {}, `At a limit, ${enforcementWords(out.enforcement)}.`),
     el('div', { className: 'usages' },
       usageMeter('Sent today', out.sent_today, out.daily_limit, formatCount),
       usageMeter('Sent this month', out.sent_month, out.monthly_limit, formatCount),
       usageMeter('Transfer this month', d.transfer?.used_bytes, d.transfer?.monthly_limit_bytes, formatBytes)),
+    el('p', {}, el('strong', {}, 'Retention: '), typeof d.retention_days === 'number'
+      ? `messages older than ${formatCount(d.retention_days)} days are deleted from every mailbox of the domain each night.`
+      : 'messages are kept until deleted (the platform set no retention period).'),
     limitForm(ctx),
     el('h4', {}, 'Monthly history'), history,
     el('h4', {}, 'Suspend or activate'), suspendControl(ctx));

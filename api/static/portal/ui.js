@@ -64,9 +64,11 @@ export function nameNode(unicode, ascii, className = '') {
   return el('span', { className: `domain-name ${className}`.trim() }, ...parts);
 }
 
+/** A verdict: ok true (✓), false (✗), or 'optional' (○, something optional is missing). */
 export function tick(ok, label) {
-  return el('span', { className: ok ? 'result result-ok' : 'result result-bad' },
-    el('span', { 'aria-hidden': 'true' }, ok ? '✓' : '✗'), ' ',
+  const [tone, mark] = ok === 'optional' ? ['warn', '○'] : ok ? ['ok', '✓'] : ['bad', '✗'];
+  return el('span', { className: `result result-${tone}` },
+    el('span', { 'aria-hidden': 'true' }, mark), ' ',
     el('span', { className: 'result-label' }, label ?? (ok ? 'OK' : 'Not OK')));
 }
 
