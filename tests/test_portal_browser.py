@@ -428,6 +428,25 @@ def test_mailboxes_and_aliases_are_managed_from_the_portal(
     assert site.status_of("GET", f"/users/{email}", token=w.reseller.token) == 404
 
 
+def test_a_new_domain_is_added_and_its_records_shown(page: Page,
+                                                    world: tuple[Site, World]) -> None:
+    site, _ = world
+    newcomer = site.partner("Newcomer", max_domains=1)
+    page.sign_in(newcomer.token)
+    assert page.list_status() == "No domains yet. Add your first one above."
+    page.click(".add-domain summary")
+    page.fill("#new-domain", "Neu-Kunde.Example")
+    page.click(".add-domain button[type=submit]")
+    page.wait(lambda: page.text("#domain-title") == "neu-kunde.example", "the new domain's page")
+    assert "SES verification not started" in page.text(".states")
+    page.dns_checked()
+    assert [r["purpose"] for r in record_rows(page)] == ["mx", "mx", "spf", "dmarc"]
+    assert "SES verification TXT record and the three DKIM" in page.text("#domain-panel")
+    page.open("#/domains")
+    page.wait(lambda: "1 of 1" in page.text(".quota-list"), "the quota used")
+    assert "domain quota" in page.text(".quota")
+
+
 # ---- isolation, tabs, sign-out ------------------------------------------------------------------
 
 
@@ -447,7 +466,7 @@ def test_one_partner_never_sees_anothers_domains(page: Page, world: tuple[Site, 
     assert ses_token(w.other_domain) not in names_in_page(page)
 
 
-def test_ctrl_click_opens_a_signed_in_tab_and_sign_out_forgets_everything(
+def test_ctrl_click_opens_a_signed_in_tab_and_sign_out_forgets_everywhere(
         page: Page, world: tuple[Site, World]) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -483,6 +502,12 @@ def test_ctrl_click_opens_a_signed_in_tab_and_sign_out_forgets_everything(
         assert trace not in html, trace
     assert page.js("return sessionStorage.length + localStorage.length") == 0
     assert page.js("return location.hash") == ""
+    # the tab that got the key from this one forgot it too
+    driver.switch_to.window([h for h in driver.window_handles if h != first][0])
+    page.wait(lambda: page.js("return !document.getElementById('signin-view').hidden"),
+              "the other tab signed out")
+    assert page.js("return sessionStorage.length") == 0
+    assert "xn--bcher" not in names_in_page(page)
 
 
 # ---- layout, keyboard, accessibility ------------------------------------------------------------

@@ -49,6 +49,24 @@ export function forgetKey() {
 const channel = 'BroadcastChannel' in window ? new BroadcastChannel('policyd.portal') : null;
 const grants = []; // expiry times: one new tab may ask per gesture
 let waiting = null; // {id, resolve} while this tab asks for a key
+let signedOutElsewhere = () => {};
+
+/** A key's SHA-256 in hex: how tabs tell each other which key signed out, without sending it. */
+async function digest(key) {
+  const bytes = await crypto.subtle.digest('SHA-256', new TextEncoder().encode(key));
+  return [...new Uint8Array(bytes)].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** Called when another tab signed out with the key this tab holds. */
+export function onSignedOutElsewhere(handler) {
+  signedOutElsewhere = handler;
+}
+
+/** Tell the other tabs holding this key that it signed out (they forget it too). */
+export async function broadcastSignOut(key) {
+  if (!channel || !key || !crypto.subtle) return; // no SubtleCrypto on plain-http LAN addresses
+  channel.postMessage({ type: 'signed-out', digest: await digest(key) });
+}
 
 /** The user opened a link in a new tab: let one tab that asks soon have the key. */
 export function grantHandoff() {
@@ -64,6 +82,11 @@ function onChannelMessage(event) {
     if (key && grants.length) {
       grants.shift();
       channel.postMessage({ type: 'key', to: message.id, key });
+    }
+  } else if (message.type === 'signed-out' && typeof message.digest === 'string') {
+    const key = readKey();
+    if (key && crypto.subtle) {
+      digest(key).then((mine) => { if (mine === message.digest && readKey() === key) signedOutElsewhere(); });
     }
   } else if (message.type === 'key' && waiting && message.to === waiting.id
              && typeof message.key === 'string' && message.key) {

@@ -5,8 +5,8 @@
 //   #/domain/NAME[/TAB]                      one domain; TAB: dns, mailboxes, aliases,
 //                                            senders, sending
 
-import { cancelHandoff, forgetKey, grantHandoff, onUnauthorized, readKey, requestHandoff,
-  storeKey } from './api.js';
+import { broadcastSignOut, cancelHandoff, forgetKey, grantHandoff, onSignedOutElsewhere,
+  onUnauthorized, readKey, requestHandoff, storeKey } from './api.js';
 import { renderDomain, TABS } from './domain.js';
 import { forgetRows, renderList } from './list.js';
 import { loadConfig, loadDomains, resetState, state } from './state.js';
@@ -178,9 +178,11 @@ async function start() {
   onUnauthorized((error) => signOut(`Your API key was not accepted: ${error.message}`));
   $('signin-form').addEventListener('submit', onSignIn);
   $('sign-out').addEventListener('click', () => {
+    broadcastSignOut(readKey());
     signOut('You are signed out.');
     announce('You are signed out.');
   });
+  onSignedOutElsewhere(() => signOut('You signed out in another tab.'));
   window.addEventListener('hashchange', () => route());
   window.addEventListener('scroll', onScroll, { passive: true });
   window.addEventListener('pagehide', saveScroll);
