@@ -1,13 +1,13 @@
 // One domain: its states in words, and tabs for DNS records, mailboxes, aliases, senders and
 // sending. The header is drawn from the list's copy at once, then from a fresh GET.
 
-import { api, resourcePath } from './api.js';
+import { api, fetchAll, resourcePath } from './api.js';
 import { checkFor, PURPOSE_LABELS, relativeName, unmatchedChecks, verdict, zoneSnippet } from './dns.js';
-import { toUnicode } from './idn.js';
 import { renderAliases, renderMailboxes, renderSenders } from './mail.js';
 import { findEntry, state, updateDomain } from './state.js';
-import { dkimWords, enforcementWords, explain, formatCount, formatPercent, sendingState,
-  sesWords } from './states.js';
+import { dkimWords, enforcementWords, explain, formatCount, formatPercent, lockedSendersState,
+  sendingState, sesWords } from './states.js';
+import { addressToUnicode, toUnicode } from './idn.js';
 import { $, announce, badge, copyable, copyButton, el, field, formatBytes, formDialog, nameNode,
   restoreScroll, showMessage, tick, usageMeter } from './ui.js';
 
@@ -20,6 +20,7 @@ export const TABS = [
 ];
 
 let mounted = null; // {name, root, head, nav, panel}
+const lockedSenders = new Map(); // domain name -> its locked senders' addresses (SPEC §9)
 
 function domainHash(name, tab = 'dns') {
   return `#/domain/${encodeURIComponent(name)}${tab === 'dns' ? '' : `/${tab}`}`;
@@ -82,6 +83,9 @@ function stateAction(entry, s) {
     });
     return button;
   }
+  if (s.action === 'senders') {
+    return el('a', { href: domainHash(entry.name, 'senders'), className: 'button button-quiet' }, 'Open the Senders tab');
+  }
   if (s.action === 'parent' && entry.data.parent && state.byName.has(entry.data.parent)) {
     return el('a', { href: domainHash(entry.data.parent), className: 'button button-quiet' },
       `Open ${toUnicode(entry.data.parent)}`);
@@ -90,7 +94,9 @@ function stateAction(entry, s) {
 }
 
 function statesSection(entry) {
-  const states = explain(entry.data, parentOf(entry)?.data, entry.children);
+  const states = [
+    ...lockedSendersState((lockedSenders.get(entry.name) || []).map(addressToUnicode)),
+    ...explain(entry.data, parentOf(entry)?.data, entry.children)];
   const icon = { bad: '✗', warn: '!', info: 'i', ok: '✓' };
   const words = { bad: 'Problem', warn: 'Needs attention', info: 'Note', ok: 'OK' };
   return el('section', { className: 'states', 'aria-labelledby': 'states-title' },
@@ -223,8 +229,29 @@ export async function renderDomain(name, tab, generation) {
       mounted.head.append(el('p', { className: 'message message-error', role: 'alert' }, error.message));
     }
   }
+  await loadLockedSenders(entry.name, generation);
   await drawing;
   if (generation === state.generation) restoreScroll();
+}
+
+/** Say in the states when senders of the domain are locked (only where the server has §9). */
+async function loadLockedSenders(name, generation) {
+  if (!state.config.features?.senders) return;
+  try {
+    const items = await fetchAll(resourcePath('domains', name, '/senders'));
+    const locked = items.filter((s) => s.status === 'locked').map((s) => String(s.email));
+    const before = JSON.stringify(lockedSenders.get(name) || []);
+    lockedSenders.set(name, locked);
+    if (generation === state.generation && JSON.stringify(locked) !== before) redraw(name, true);
+  } catch (error) {
+    if (error?.status === 401) throw error;
+  }
+}
+
+/** Forget what was shown (sign-out). */
+export function forgetDomainView() {
+  lockedSenders.clear();
+  mounted = null;
 }
 
 // ---- DNS records ----------------------------------------------------------------------------

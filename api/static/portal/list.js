@@ -32,7 +32,7 @@ function chips(entry) {
   else if (ses === 'not_started' && !d.parent) list.push(badge('SES not started', 'warn'));
   if (d.parent) list.push(badge(`Linked to ${state.byName.get(d.parent)?.uname ?? d.parent}`, ses === 'inherited' ? 'info' : 'warn'));
   if (d.wildcard) list.push(badge('Wildcard parent', 'info'));
-  if (entry.use >= 0.9) list.push(badge(`${Math.round(entry.use * 100)}% of a limit`, entry.use >= 1 ? 'bad' : 'warn'));
+  if (entry.use >= 0.9 && !entry.sending.text.includes('limit')) list.push(badge(`${Math.round(entry.use * 100)}% of a limit`, entry.use >= 1 ? 'bad' : 'warn'));
   return list;
 }
 

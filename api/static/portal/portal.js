@@ -7,7 +7,7 @@
 
 import { broadcastSignOut, cancelHandoff, forgetKey, grantHandoff, onSignedOutElsewhere,
   onUnauthorized, readKey, requestHandoff, storeKey } from './api.js';
-import { renderDomain, TABS } from './domain.js';
+import { forgetDomainView, renderDomain, TABS } from './domain.js';
 import { forgetRows, renderList } from './list.js';
 import { loadConfig, loadDomains, resetState, state } from './state.js';
 import { $, announce, el, showMessage } from './ui.js';
@@ -75,6 +75,7 @@ function signOut(message) {
   cancelHandoff();
   resetState();
   forgetRows();
+  forgetDomainView();
   for (const dialog of document.querySelectorAll('dialog')) dialog.remove();
   $('view').replaceChildren();
   $('announcer').textContent = '';

@@ -234,3 +234,15 @@ function linkStates(domain, parent, children) {
     text: `Subdomains of ${toUnicode(domain.name)} added to your account are linked to it automatically: they send under its verification and share its tier and limits.${list}`,
   }];
 }
+
+/** The state of a domain's locked senders (SPEC §9), from its senders list. */
+export function lockedSendersState(emails) {
+  if (!emails.length) return [];
+  const who = emails.length === 1 ? `${emails[0]} is` : `${emails.length} senders are`;
+  return [{
+    key: 'sender-locked', tone: 'bad',
+    title: `${emails.length} sender${emails.length === 1 ? '' : 's'} locked`,
+    text: `${who} locked: their mail is refused, other mailboxes are not affected. A login is locked when it is used from more addresses than the platform allows (usually a stolen password), or by hand. Change the password, then unlock it on the Senders tab.`,
+    action: 'senders',
+  }];
+}
