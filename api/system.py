@@ -1,4 +1,4 @@
-"""Handlers for /health, /metrics, the SNS webhook and the static portal."""
+"""Handlers for /health, /metrics and the static portal."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from api.common import SCOPE_KEY, require_master, runtime_of
-from policyd import __version__, feedback
+from policyd import __version__
 from policyd.metrics import CONTENT_TYPE
 from policyd.store.schema import SCHEMA_VERSION, user_version
 
@@ -59,13 +59,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-async def ses_webhook(request: web.Request) -> web.Response:
-    """POST /webhooks/ses: SNS notifications (verified by signature, not token)."""
-    body = await request.read()
-    result = await feedback.handle_sns(runtime_of(request), body)
-    return web.json_response(result)
-
-
 def portal_config(app: web.Application) -> dict[str, dict[str, bool]]:
     """What the portal page may use on this server: {"features": {"senders": bool}}."""
     paths = {route.resource.canonical for route in app.router.routes()
@@ -91,7 +84,6 @@ async def portal_redirect(request: web.Request) -> web.Response:
 
 ROUTES = [
     web.get("/health", health), web.get("/metrics", metrics),
-    web.post("/webhooks/ses", ses_webhook),
     web.get("/portal", portal_redirect), web.get("/portal/", portal),
     web.get("/portal/{file}", portal),
 ]

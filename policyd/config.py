@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from policyd.names import has_control
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names section and key."""
@@ -289,6 +291,7 @@ def _parse_tiers(parser: configparser.ConfigParser) -> dict[str, tuple[int | Non
     for name, value in parser.items("tiers", raw=True):
         daily, sep, monthly = value.partition("/")
         try:
+            _check_text(name + value, False)
             if not sep:
                 raise ValueError("expected DAILY/MONTHLY")
             tiers[name.lower()] = (_parse_limit(daily), _parse_limit(monthly))
@@ -297,11 +300,22 @@ def _parse_tiers(parser: configparser.ConfigParser) -> dict[str, tuple[int | Non
     return tiers
 
 
+_LISTS = (_str_list, _networks)  # may be written over several lines
+
+
+def _check_text(text: str, multiline: bool) -> None:
+    """No control characters in a value (a list may span lines): they would end up in log
+    lines, SMTP replies and SQL file paths."""
+    if has_control(text.replace("\n", "") if multiline else text):
+        raise ValueError("contains a control character")
+
+
 def _build_section(parser: configparser.ConfigParser, section: str) -> Any:
     values: dict[str, Any] = {}
     for key, (parse, default) in SCHEMA[section].items():
         text = parser.get(section, key, raw=True, fallback=default)
         try:
+            _check_text(text, parse in _LISTS)
             values[key] = parse(text)
         except ValueError as exc:
             raise ConfigError(f"[{section}] {key}: {exc} (got {text!r})") from None
@@ -336,9 +350,23 @@ def load_config(path: str | os.PathLike[str] | None = None,
     sections = {name: _build_section(parser, name) for name in SCHEMA}
     token = environ.get("POLICYD_MASTER_TOKEN")
     if token:
+        if has_control(token):
+            raise ConfigError("POLICYD_MASTER_TOKEN: contains a control character")
         sections["auth"] = AuthConfig(master_token=token)
     tiers = _parse_tiers(parser)
     if sections["outbound"].default_tier not in tiers:
         raise ConfigError(f"[outbound] default_tier: unknown tier "
                           f"{sections['outbound'].default_tier!r}")
     return Config(**sections, tiers=tiers, source=str(path or ""))
+
+
+def warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not what the operator wants (logged by `serve`,
+    printed by `check-config`)."""
+    found = []
+    if not config.sns.allowed_topic_arns:
+        found.append("[sns] allowed_topic_arns is empty: POST /webhooks/ses accepts no topic, "
+                     "so SES bounces and complaints are not counted (list your topic ARNs, "
+                     "or '*' for any)")
+    return found
+

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from policyd.config import Config
+from policyd.config import warnings as config_warnings
 from policyd.notifications import Notifier
 from policyd.policyserver import PolicyServer
 from policyd.runtime import Runtime
@@ -107,7 +108,7 @@ async def start_policy(rt: Runtime) -> PolicyServer:
     server = PolicyServer(service.handle, host=cfg.listen[0], port=cfg.listen[1],
                           idle_timeout=cfg.idle_timeout, max_connections=cfg.max_connections,
                           on_count=rt.metrics.connections.set,
-                          on_protocol_error=lambda r: rt.metrics.protocol_errors.labels(r).inc())
+                          on_protocol_error=rt.metrics.protocol_error)
     await server.start()
     return server
 
@@ -116,6 +117,8 @@ async def serve(config: Config) -> None:
     """Run everything until SIGTERM or SIGINT, then shut down gracefully."""
     from api.app import create_app  # the composition root is the one place core meets api
 
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     rt = build_runtime(config)
     app = create_app(rt, master_token(config), services(rt))
     runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -28,13 +28,6 @@ def sign(body: bytes, secret: str) -> str:
     return _PREFIX + digest
 
 
-def verify_signature(body: bytes, secret: str, header: str) -> bool:
-    """Check a signature header against body in constant time."""
-    # Compare bytes: compare_digest refuses non-ASCII str, and headers are untrusted input.
-    expected = sign(body, secret).encode()
-    return hmac.compare_digest(expected, header.encode("utf-8", "surrogateescape"))
-
-
 def encode_event(event: str, **fields: Any) -> bytes:
     """Return the compact, key-sorted JSON body {"event": event, ...fields}."""
     payload = {"event": event, **fields}

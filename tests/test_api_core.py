@@ -13,8 +13,7 @@ import pytest
 
 from policyd import passwords
 from policyd.config import Config
-from policyd.store import mailboxes as mailbox_store
-from tests.conftest import MASTER, Daemon, outbound, start_daemon
+from tests.conftest import MASTER, Daemon, outbound, start_daemon, password_hash_of
 from tests.dnsserver import DnsServer
 
 PASSWORD = "correct-horse-9"
@@ -52,7 +51,7 @@ async def user(daemon: Daemon, email: str, password: str = PASSWORD,
 
 async def stored_hash(daemon: Daemon, email: str) -> str:
     """The password hash as stored (and as Dovecot reads it)."""
-    stored = await daemon.rt.store.read(mailbox_store.password_hash, email)
+    stored = await daemon.rt.store.read(password_hash_of, email)
     assert stored is not None
     return stored
 
@@ -306,6 +305,10 @@ async def test_a_parent_of_another_partner_is_not_linked(daemon: Daemon) -> None
     await daemon.api("PUT", "/domains/parent.com/parent", {"wildcard": True})
     status, sub = await daemon.api("POST", "/domains/", {"name": "sub.parent.com"},
                                    token=token_b)
+    assert_error(status, sub, 403, "forbidden")  # not b's to claim (SPEC §5)
+    _, key = await daemon.api("GET", "/api-keys/", token=token_b)
+    status, sub = await daemon.api("POST", "/domains/", {  # the master gives it to b
+        "name": "sub.parent.com", "partner_id": key["items"][0]["partner_id"]})
     assert status == 201 and sub["parent"] is None and sub["ses"]["status"] == "not_started"
     assert_error(*await daemon.api("PUT", "/domains/sub.parent.com/parent",
                                    {"parent": "parent.com"}), 400, "invalid")
@@ -471,7 +474,7 @@ async def test_password_length_is_counted_in_utf8_bytes(daemon: Daemon, password
                                                         "password": password})
     if not accepted:
         assert_error(status, body, 400, "invalid")
-        assert await daemon.rt.store.read(mailbox_store.password_hash, "bob@example.com") is None
+        assert await daemon.rt.store.read(password_hash_of, "bob@example.com") is None
         return
     assert status == 201, body
     assert verifies(password, await stored_hash(daemon, "bob@example.com"))

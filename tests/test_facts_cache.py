@@ -188,14 +188,11 @@ async def test_decisions_follow_writes_of_another_process(daemon: Daemon) -> Non
     await client.close()
 
 
-async def test_wal_starts_over_under_steady_writes(store: Store,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_wal_starts_over_under_steady_writes(store: Store) -> None:
     """Checkpoints run beside a steady stream of hot-path commits, and the WAL still starts
     over after them (its header's checkpoint sequence moves on), so it does not grow with
     every commit, as it did when checkpoints only ran beside the writes."""
-    import policyd.store as store_module
-
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 5)
+    store.checkpoint_every = 5
     wal = Path(str(store.path) + "-wal")
     fn, restarts, stop = Recorder(), set(), False
 

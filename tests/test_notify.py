@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import socket
 import time
@@ -19,10 +21,15 @@ from policyd.notify import (
     deliver,
     encode_event,
     sign,
-    verify_signature,
 )
 
 SECRET = "s3cret-partner-key"
+
+
+def _signed(body: bytes, header: str) -> bool:
+    """What a partner checks (SPEC §5), written here independently of policyd.notify.sign."""
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header.encode("utf-8", "surrogateescape"))
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Receiver:
         body = await request.read()
         if self.stall:
             await self.release.wait()
-        if not verify_signature(body, SECRET, request.headers.get(SIGNATURE_HEADER, "")):
+        if not _signed(body, request.headers.get(SIGNATURE_HEADER, "")):
             self.rejected += 1
             return web.Response(status=401)
         self.accepted.append(body)
@@ -88,19 +95,6 @@ def test_sign_matches_known_hmac_vector() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("header", "ok"),
-    [
-        (sign(b"body", SECRET), True),
-        (sign(b"body", "other"), False),
-        (sign(b"body!", SECRET), False),
-        (sign(b"body", SECRET).removeprefix("sha256="), False),
-        ("", False),
-        ("sha256=ünïcode", False),
-    ],
-)
-def test_verify_signature(header: str, ok: bool) -> None:
-    assert verify_signature(b"body", SECRET, header) is ok
 
 
 def test_backoff_delay_grows_and_is_capped() -> None:

@@ -17,10 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import policyd.store as store_module
 from policyd.config import Config
-from policyd.policyserver import parse_request
-from policyd.protocol import ProtocolError, RequestBuilder
+from policyd.protocol import ProtocolError, parse_request
+from tests.protocol_oracle import RequestBuilder
 from policyd.store import Store, connect, counters
 from tests.conftest import (
     MASTER,
@@ -556,7 +555,7 @@ def _messages(path: Path) -> set[str]:
 async def test_a_failing_batch_function_fails_its_own_run_only(store: Store) -> None:
     ok = [submit_batched(store, _record, "a"), submit_batched(store, _record, "b")]
     refused = [submit_batched(store, _refuse, "c"), submit_batched(store, _refuse, "d")]
-    plain = store.submit(_insert, "e")  # a guarded job in the same turn, same transaction
+    plain = store.write(_insert, "e")  # a guarded job in the same turn, same transaction
     assert await asyncio.gather(*ok) == ["ok a", "ok b"]
     for future in refused:
         with pytest.raises(ValueError, match="refused"):
@@ -590,9 +589,8 @@ async def test_a_started_batch_is_answered_when_it_commits_not_timed_out(store: 
     assert _messages(store.path) == {"slow"}
 
 
-async def test_checkpoints_follow_commits_made_on_the_loop(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 3)
+async def test_checkpoints_follow_commits_made_on_the_loop(store: Store) -> None:
+    store.checkpoint_every = 3
 
     async def checkpointed(count: int) -> None:
         while store.checkpoints < count:
