@@ -105,10 +105,14 @@ class Site:
         return self.loop.run(self.daemon.api(method, path, token=token))[0]
 
     def write(self, fn: Callable[..., T], *args: Any) -> T:
-        return self.loop.run(self.daemon.rt.store.write(fn, *args))
+        async def on_loop() -> T:  # the store's calls belong on its loop, not this thread
+            return await self.daemon.rt.store.write(fn, *args)
+        return self.loop.run(on_loop())
 
     def read(self, fn: Callable[..., T], *args: Any) -> T:
-        return self.loop.run(self.daemon.rt.store.read(fn, *args))
+        async def on_loop() -> T:
+            return await self.daemon.rt.store.read(fn, *args)
+        return self.loop.run(on_loop())
 
     def partner(self, name: str, **quotas: Any) -> Tenant:
         partner = self.api("POST", "/partners/", {"name": name, **quotas})

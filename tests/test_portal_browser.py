@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import idna
 import pytest
 
 from api.app import routes
-from policyd.store import mailboxes as mailbox_store
+from tests.conftest import password_hash_of
 from tests.portal_harness import (PASSWORD, Site, World, browser_missing, chromium, dkim_tokens,
                                   seed_reseller, ses_token)
 
@@ -393,10 +392,10 @@ def test_mailboxes_and_aliases_are_managed_from_the_portal(
     email = f"alice@{domain}"
     created = site.api("GET", f"/users/{email}", token=w.reseller.token)
     assert (created["name"], created["quota_bytes"]) == ("Alice Example", 100 * MIB)
-    before = site.read(mailbox_store.password_hash, email)
+    before = site.read(password_hash_of, email)
     page.click(f'tr[data-email="{email}"] button[aria-label^="Change the password"]')
     dialog_submit(page, {"#dialog-password": "another-secret-42"})
-    page.wait(lambda: site.read(mailbox_store.password_hash, email) != before, "a new hash")
+    page.wait(lambda: site.read(password_hash_of, email) != before, "a new hash")
     page.click(f'tr[data-email="{email}"] button[aria-label^="Change the storage"]')
     dialog_submit(page, {"#dialog-quota": "512"})
     page.wait(lambda: site.api("GET", f"/users/{email}/quota",
