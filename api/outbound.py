@@ -50,7 +50,7 @@ async def increment(request: web.Request) -> web.Response:
     day, month = rt.periods.keys(utcnow())
     result = await rt.store.write(outbound.increment, scope, name, count, nbytes, day, month,
                                   feedback.Thresholds.of(rt.config.outbound))
-    reply = {"allowed": result.allowed, "sent_today": result.sent_today,
+    reply: dict[str, object] = {"allowed": result.allowed, "sent_today": result.sent_today,
              "sent_month": result.sent_month}
     if result.reason:
         reply["reason"] = result.reason

@@ -46,6 +46,8 @@ async def _verified(rt: Runtime, body: bytes) -> dict[str, Any]:
         rt.metrics.webhooks.labels(exc.reason).inc()
         log.warning("SNS message refused: %s", exc)
         raise _refusal(exc) from None
+    if rt.sns is None:  # built by policyd.main for every serving process
+        raise Unavailable("SNS verification is not set up")
     try:
         await rt.sns.verify(msg)
     except SnsError as exc:
@@ -78,6 +80,7 @@ async def _handle(rt: Runtime, body: bytes) -> dict[str, object]:
 
 async def _confirm(rt: Runtime, msg: dict[str, Any]) -> dict[str, object]:
     """Confirm a verified SubscriptionConfirmation by GETting its SubscribeURL."""
+    assert rt.sns is not None  # checked by _verified
     try:
         await rt.sns.confirm_subscription(msg)
     except SnsError as exc:

@@ -76,7 +76,8 @@ async def _with_store(config: Config, job: Callable[[Runtime], Awaitable[Any]]) 
     try:
         return await job(rt)
     finally:
-        await rt.sns.close()
+        if rt.sns is not None:
+            await rt.sns.close()
         await rt.store.close()
 
 

@@ -1,7 +1,9 @@
 """Configuration: an INI file read into one frozen dataclass per section.
 
-Every key has a built-in default so `policyd serve` runs with no file at all. Keys are declared
-once, in SCHEMA below; `conf/policyd.ini` documents each one (tests/test_config.py checks it).
+Every key has a built-in default so `policyd serve` runs with no file at all. SCHEMA below is
+the one list of keys, with their parsers and defaults; each section's dataclass holds the parsed
+values under the same names (building it from SCHEMA fails on any mismatch), and
+`conf/policyd.ini` documents each key (tests/test_config.py checks it).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from policyd.names import has_control
@@ -334,7 +336,7 @@ def _check_unknown(parser: configparser.ConfigParser) -> None:
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
-                environ: dict[str, str] | None = None) -> Config:
+                environ: Mapping[str, str] | None = None) -> Config:
     """Read the INI file at path (None: built-in defaults) into a Config."""
     environ = os.environ if environ is None else environ
     parser = configparser.ConfigParser(interpolation=None, default_section="__none__")

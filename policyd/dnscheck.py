@@ -55,8 +55,8 @@ class _Answer:
         return self.error if self.error is not None else list(self.values)
 
 
-def normalize_domain(domain: str) -> str:
-    """Lowercase A-label form of a domain, without the trailing dot."""
+def dns_name(domain: str) -> str:
+    """A name as DNS gives or takes it, compared as text: lowercase A-labels, no final dot."""
     try:
         text = dns.name.from_text(domain.strip()).to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError):
@@ -70,8 +70,8 @@ def spf_expected(spf_include: str) -> str:
 
 
 def dmarc_suggested(domain: str) -> str:
-    """A starting DMARC policy (RFC 7489 §6.3): monitor only, reports to the domain's postmaster."""
-    return f"v=DMARC1; p=none; rua=mailto:postmaster@{normalize_domain(domain)}"
+    """A first DMARC policy (RFC 7489 §6.3): monitor only, reports to the domain's postmaster."""
+    return f"v=DMARC1; p=none; rua=mailto:postmaster@{dns_name(domain)}"
 
 
 def required_records(
@@ -85,8 +85,8 @@ def required_records(
     a domain that sends through its parent's identity (``ses_domain``) they are the parent's,
     with ``inherited_from`` naming it. MX is listed when ``[dns] mx_hosts`` names hosts.
     """
-    origin = normalize_domain(domain)
-    owner = normalize_domain(ses_domain) if ses_domain else origin
+    origin = dns_name(domain)
+    owner = dns_name(ses_domain) if ses_domain else origin
     inherited = owner if owner != origin else None
     records = [{**r, "purpose": "ses" if r["type"] == "TXT" else "dkim", "required": True,
                 "inherited_from": inherited}
@@ -95,8 +95,8 @@ def required_records(
                                          region="")]
     mine = {"required": True, "inherited_from": None}
     for rank, host in enumerate(settings.mx_hosts, start=1):
-        records.append({"type": "MX", "name": origin, "value": f"{10 * rank} "
-                        f"{normalize_domain(host)}", "purpose": "mx", **mine})
+        records.append({"type": "MX", "name": origin, "value": f"{10 * rank} {dns_name(host)}",
+                        "purpose": "mx", **mine})
     records.append({"type": "TXT", "name": origin, "value": spf_expected(settings.spf_include),
                     "purpose": "spf", **mine})
     records.append({"type": "TXT", "name": f"_dmarc.{origin}", "value": dmarc_suggested(origin),
@@ -109,7 +109,7 @@ def expected_records(
 ) -> list[dict[str, str]]:
     """The TXT and CNAME records the customer must publish (only those we have tokens for)."""
     # region is accepted for the API's sake: SES Easy DKIM targets are dkim.amazonses.com.
-    origin = normalize_domain(domain)
+    origin = dns_name(domain)
     records = []
     if ses_token:
         records.append({"type": "TXT", "name": f"_amazonses.{origin}", "value": ses_token})
@@ -135,8 +135,8 @@ async def dns_check(
     parent); by default the domain's own. ``advisory`` holds checks that never change ``ok``:
     with ``dmarc``, the DMARC record, which SES does not need but receivers increasingly do.
     """
-    origin = normalize_domain(domain)
-    owner = normalize_domain(ses_domain) if ses_domain else origin
+    origin = dns_name(domain)
+    owner = dns_name(ses_domain) if ses_domain else origin
     tokens = list(dkim_tokens)[:DKIM_TOKEN_COUNT]
     dmarc_name = f"_dmarc.{origin}"
     queries = [(origin, "MX"), (origin, "TXT")] + ([(dmarc_name, "TXT")] if dmarc else [])
@@ -240,7 +240,7 @@ def _check(rtype: str, name: str | None, expected: Any, found: Any, ok: bool) ->
 
 def _mx_check(origin: str, answer: _Answer, mx_hosts: tuple[str, ...]) -> dict[str, Any]:
     """OK when every configured MX host is published, or any real MX when none is configured."""
-    wanted = [normalize_domain(h) for h in mx_hosts]
+    wanted = [dns_name(h) for h in mx_hosts]
     hosts = {h for h in answer.values if h != "."}  # "." is a null MX (RFC 7505): no mail
     ok = answer.error is None and (set(wanted) <= hosts if wanted else bool(hosts))
     return _check("MX", origin, wanted, answer.found(), ok)

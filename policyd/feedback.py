@@ -12,7 +12,7 @@ from typing import Any
 from policyd.config import OutboundConfig
 from policyd.names import InvalidName, normalize_domain
 from policyd.store import counters
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.store.domains import block_outbound, find_domain
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow

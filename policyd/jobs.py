@@ -12,7 +12,7 @@ from policyd.store.scope import Scope
 from policyd.sns import MESSAGE_ID_MEMORY
 from policyd.store import counters
 from policyd.store import domains as domain_store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.timeutil import add_months, iso, utcnow
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from policyd.config import Config
 from policyd.config import warnings as config_warnings
-from policyd.notifications import Notifier
+from policyd.notifier import Notifier
 from policyd.policyserver import PolicyServer
 from policyd.runtime import Runtime
 from policyd.scheduler import Scheduler
@@ -73,8 +73,8 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
     """
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await rt.store.open()
-        rt.http = aiohttp.ClientSession()
-        rt.notifier = Notifier(rt.store, lambda: rt.http, rt.metrics)
+        http = rt.http = aiohttp.ClientSession()
+        rt.notifier = Notifier(rt.store, lambda: http, rt.metrics)
         server = None
         if policy:
             server = rt.policy_server = await start_policy(rt)
@@ -94,8 +94,10 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
             await rt.tasks.drain(timeout=5)
-            await rt.sns.close()
-            await rt.http.close()
+            if rt.sns is not None:
+                await rt.sns.close()
+            if rt.http is not None:
+                await rt.http.close()
             await rt.store.close()
             log.info("stopped cleanly")
     return ctx
@@ -133,9 +135,8 @@ async def serve(config: Config) -> None:
     # Worker threads (boto3, the writer) hold the GIL for up to the switch interval before the
     # event loop gets it back, and a policy reply takes the GIL several times (after epoll,
     # around each SQLite call): 0.2 ms instead of the default 5 ms bounds what boto3 adds to
-    # the policy tail (bench/stress_bench.py, 5 domains created a second, two SES calls each:
-    # policy p99 1.35x quiet at 1 ms, 1.22x at 0.2 ms, medians of 4 runs), and costs nothing
-    # while the workers are idle.
+    # the policy tail, and costs nothing while the workers are idle (measured with
+    # bench/stress_bench.py; figures in bench/README.md).
     sys.setswitchinterval(SWITCH_INTERVAL)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

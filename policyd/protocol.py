@@ -173,11 +173,14 @@ def normalize_address(value: str) -> str:
 def domain_of(address: str) -> str:
     """The normalised domain after the last '@' of an address, or '' without one."""
     at = address.rfind("@")
-    return normalize_domain(address[at + 1:]) if at >= 0 else ""
+    return fold_domain(address[at + 1:]) if at >= 0 else ""
 
 
-def normalize_domain(name: str) -> str:
-    """Lowercase, drop trailing dots, IDNA to A-labels; left as is when IDNA fails."""
+def fold_domain(name: str) -> str:
+    """A domain as a request names it, folded as hosted names are stored (lowercase, no
+    trailing dots, IDNA A-labels); never refused: one IDNA fails on is left as is, and then
+    matches no hosted domain. (policyd.names.normalize_domain is the strict twin that
+    validates what the API stores.)"""
     name = name.strip().rstrip(".").lower()
     return name if name.isascii() else _to_a_label(name)
 

@@ -5,9 +5,9 @@ import logging
 import sqlite3
 
 from policyd.runtime import Runtime
-from policyd.ses import SesError, SesIdentity, SesStatus, SesUnavailable
+from policyd.ses import SesClient, SesError, SesIdentity, SesStatus, SesUnavailable
 from policyd.store import domains as domain_store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.store.changes import audit
 from policyd.store.domains import Domain
 from policyd.store.scope import Scope
@@ -61,9 +61,16 @@ def _store_started(conn: sqlite3.Connection, name: str, identity: SesIdentity,
     return _store_status(conn, name, status)
 
 
+def _ses(rt: Runtime) -> SesClient:
+    """The SES client; SesUnavailable when SES is not configured."""
+    if rt.ses is None:
+        raise SesUnavailable("SES is not configured")
+    return rt.ses
+
+
 async def _start(rt: Runtime, name: str, audited_by: Scope | None = None) -> None:
     """Ask SES to verify a domain (identity + DKIM) and store the tokens; raises SesError."""
-    identity = await rt.ses.verify_domain(name)
+    identity = await _ses(rt).verify_domain(name)
     await rt.store.write(_store_started, name, identity, audited_by)
     log.info("SES verification of %s started", name)
 
@@ -88,7 +95,7 @@ def _wake_notifier(rt: Runtime) -> None:
 
 async def refresh(rt: Runtime, names: list[str]) -> dict[str, Domain]:
     """Read SES status for names (batched by the client), store changes, return the domains."""
-    statuses = await rt.ses.statuses(names)
+    statuses = await _ses(rt).statuses(names)
     # An identity SES does not know keeps what we have: the poller starts it.
     known = {name: s for name, s in statuses.items() if s.status != "not_started"}
     stored = await rt.store.write(_store_statuses, known) if known else {}
@@ -122,7 +129,7 @@ async def poll(rt: Runtime) -> dict[str, int]:
     log.info("SES poll: %d domains pending", len(names))
     if not names:
         return {"checked": 0, "started": 0, "verified": 0}
-    statuses = await rt.ses.statuses(names)
+    statuses = await _ses(rt).statuses(names)
     unknown = [name for name, status in statuses.items() if status.status == "not_started"]
     known = {name: s for name, s in statuses.items() if s.status != "not_started"}
     stored = await rt.store.write(_store_statuses, known) if known else {}

@@ -83,7 +83,7 @@ def parse_envelope(body: bytes) -> dict[str, Any]:
     msg_type = msg.get("Type")
     if not isinstance(msg_type, str) or msg_type not in _SIGNED_FIELDS:
         raise SnsError("bad_envelope", "unknown Type")
-    required = _ENVELOPE_KEYS
+    required: tuple[str, ...] = _ENVELOPE_KEYS
     if msg_type != NOTIFICATION:
         required += _SUBSCRIPTION_KEYS
     _require_strings(msg, required, "bad_envelope")

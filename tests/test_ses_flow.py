@@ -29,7 +29,7 @@ from policyd import jobs
 from policyd.config import Config
 from policyd.ses import SesUnavailable
 from policyd.store import domains as domain_store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.store.scope import MASTER as MASTER_SCOPE
 from tests.conftest import Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running

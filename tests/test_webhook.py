@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from policyd import jobs
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from tests.conftest import MASTER, Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running
 from tests.snsfake import (

@@ -108,7 +108,7 @@ class Store:
         self._enqueue(Job(fn, args, lambda r, e: settle(future, r, e), False), None)
         return future
 
-    def submit_batched(self, fn: Callable[[Any, list[A], bool], list[T]], arg: A,
+    def submit_batched(self, fn: Callable[[Any, list[A], bool], list[T | Exception]], arg: A,
                        done: Callable[[T | None, BaseException | None], None], *,
                        budget: float | None = None) -> None:
         """Queue arg for fn, which is called once for a run of such submissions as

@@ -14,12 +14,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from policyd.notify import (
+from policyd.store.outbox import encode_event
+from policyd.partner_webhook import (
     SIGNATURE_HEADER,
     DeliveryError,
     backoff_delay,
     deliver,
-    encode_event,
     sign,
 )
 

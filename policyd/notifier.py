@@ -1,6 +1,6 @@
 """Delivery of the notification outbox: signed POSTs, retried with backoff, never blocking.
 
-The outbox row is written in the transaction that causes the event (policyd.store.notifications);
+The outbox row is written in the transaction that causes the event (policyd.store.outbox);
 this task delivers it later, so a slow or failing partner endpoint never delays an API request
 or a policy reply, and nothing is lost across restarts.
 """
@@ -14,9 +14,9 @@ from datetime import timedelta
 import aiohttp
 
 from policyd.metrics import Metrics
-from policyd.notify import DeliveryError, backoff_delay, deliver
+from policyd.partner_webhook import DeliveryError, backoff_delay, deliver
 from policyd.store import Store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.timeutil import iso, iso_precise, parse_iso, utcnow
 
 log = logging.getLogger(__name__)
