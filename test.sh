@@ -3,11 +3,13 @@
 # with sqlite maps, swaks with TLS, sqlite3, Dovecot with its SQLite driver and LMTP server,
 # systemd's tools for deploy/install.sh and systemd-analyze) and the vmail user when
 # run as root, a venv with the package and its test extras, then pytest. This is the command
-# .ci/run calls.
+# .ci/run calls. Chromium and chromium-driver run the portal's browser tests.
 set -euo pipefail
 cd "$(dirname "$0")"
 missing=0
-for tool in postmap swaks sqlite3 doveadm; do command -v "$tool" >/dev/null || missing=1; done
+for tool in postmap swaks sqlite3 doveadm chromium chromedriver; do
+    command -v "$tool" >/dev/null || missing=1
+done
 dpkg -s postfix-sqlite >/dev/null 2>&1 || missing=1
 for pkg in dovecot-sqlite dovecot-lmtpd libnet-ssleay-perl systemd; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
@@ -19,7 +21,7 @@ if [ "$missing" = 1 ]; then
         apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
             postfix postfix-sqlite swaks sqlite3 python3-venv dovecot-core dovecot-sqlite \
-            dovecot-lmtpd libnet-ssleay-perl systemd
+            dovecot-lmtpd libnet-ssleay-perl systemd chromium chromium-driver
     else
         echo "not root: tests needing Postfix, swaks or Dovecot are skipped where they are" \
             "missing" >&2

@@ -24,8 +24,17 @@ log = logging.getLogger(__name__)
 VERIFY_WAIT = 2.0  # seconds a create waits for SES before answering (it goes on after)
 
 
-def render(d: Domain, totals: counters.Totals, region: str) -> dict[str, Any]:
+def dns_settings(rt: Runtime) -> dnscheck.DnsSettings:
+    """The [dns] config section as the DNS check takes it."""
+    dns = rt.config.dns
+    return dnscheck.DnsSettings(nameservers=dns.nameservers, port=dns.port, timeout=dns.timeout,
+                                mx_hosts=dns.mx_hosts, spf_include=dns.spf_include)
+
+
+def render(d: Domain, totals: counters.Totals, region: str,
+           dns: dnscheck.DnsSettings) -> dict[str, Any]:
     """The domain resource."""
+    ses = d.sending_identity
     return {
         "name": d.name, "partner_id": d.partner_id, "status": d.status,
         "suspended_by": d.suspended_by,
@@ -36,6 +45,8 @@ def render(d: Domain, totals: counters.Totals, region: str) -> dict[str, Any]:
         "dns_records": dnscheck.expected_records(d.name, ses_token=d.ses_token,
                                                  dkim_tokens=list(d.ses_dkim_tokens),
                                                  region=region),
+        "records": dnscheck.required_records(d.name, ses_domain=ses.name, ses_token=ses.token,
+                                             dkim_tokens=list(ses.dkim_tokens), settings=dns),
         "outbound": outbound.render(d, totals),
         "retention_days": d.retention_days,
         "transfer": {"monthly_limit_bytes": d.transfer_limit_bytes,
@@ -60,7 +71,7 @@ async def show(rt: Runtime, scope: Scope, name: str) -> dict[str, Any]:
     """Read and render one domain as scope sees it."""
     day, month = rt.periods.keys(utcnow())
     domain, totals = await rt.store.read(_one, scope, name, day, month)
-    return render(domain, totals, rt.config.ses.region)
+    return render(domain, totals, rt.config.ses.region, dns_settings(rt))
 
 
 def domain_name(request: web.Request) -> str:
@@ -98,7 +109,8 @@ async def list_(request: web.Request) -> web.Response:
     def load(conn: sqlite3.Connection) -> list[tuple[Domain, counters.Totals]]:
         return _with_totals(conn, store.list_domains(conn, scope, limit + 1, offset), day, month)
     rows = await rt.store.read(load)
-    items = [render(d, t, rt.config.ses.region) for d, t in rows]
+    dns = dns_settings(rt)
+    items = [render(d, t, rt.config.ses.region, dns) for d, t in rows]
     return web.json_response(paged(items, limit, offset))
 
 
@@ -160,14 +172,13 @@ async def dns_check(request: web.Request) -> web.Response:
     """GET /domains/{name}/dns-check: the records as DNS serves them now; never a 500."""
     rt, scope = runtime_of(request), scope_of(request)
     domain = await rt.store.read(store.get_domain, scope, domain_name(request))
-    dns = rt.config.dns
-    settings = dnscheck.DnsSettings(nameservers=dns.nameservers, port=dns.port,
-                                    timeout=dns.timeout, mx_hosts=dns.mx_hosts,
-                                    spf_include=dns.spf_include)
-    result = await dnscheck.dns_check(domain.name, ses_token=domain.ses_token,
-                                      dkim_tokens=list(domain.ses_dkim_tokens),
-                                      region=rt.config.ses.region, settings=settings)
-    return web.json_response({"domain": domain.name, **result})
+    ses = domain.sending_identity  # a linked subdomain's SES records are its parent's
+    result = await dnscheck.dns_check(domain.name, ses_token=ses.token,
+                                      dkim_tokens=list(ses.dkim_tokens),
+                                      region=rt.config.ses.region, settings=dns_settings(rt),
+                                      ses_domain=ses.name, dmarc=True)
+    return web.json_response({"domain": domain.name, "inherited_from": ses.inherited_from,
+                              **result})
 
 
 async def ses_verify(request: web.Request) -> web.Response:

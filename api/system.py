@@ -15,8 +15,14 @@ from policyd.store.schema import SCHEMA_VERSION, user_version
 
 log = logging.getLogger(__name__)
 PORTAL_DIR = Path(str(resources.files("api").joinpath("static/portal")))
-PORTAL_FILES = {"portal.js": "text/javascript", "portal.css": "text/css",
-                "index.html": "text/html"}
+PORTAL_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
+                ".svg": "image/svg+xml"}
+# the shipped files, listed once: a request names one of these or gets a 404
+PORTAL_FILES = {p.name: PORTAL_TYPES[p.suffix] for p in sorted(PORTAL_DIR.iterdir())
+                if p.suffix in PORTAL_TYPES and p.is_file()}
+# Optional API parts the page shows only when this server has them (asking for a route that
+# is not there would put a 404 in the browser console).
+PORTAL_FEATURES = {"senders": "/domains/{name}/senders"}
 HEALTH_TIMEOUT = 2.0  # seconds: a database slower than this is as good as down for a monitor
 PORTAL_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
                   "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
@@ -56,9 +62,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+def portal_config(app: web.Application) -> dict[str, dict[str, bool]]:
+    """What the portal page may use on this server: {"features": {"senders": bool}}."""
+    paths = {route.resource.canonical for route in app.router.routes()
+             if route.resource is not None}
+    return {"features": {name: path in paths for name, path in PORTAL_FEATURES.items()}}
+
+
 async def portal(request: web.Request) -> web.StreamResponse:
     """GET /portal/ and its few static files (no auth: the page asks for the key)."""
     name = request.match_info.get("file") or "index.html"
+    if name == "config.json":
+        return web.json_response(portal_config(request.app), headers=PORTAL_HEADERS)
     if name not in PORTAL_FILES:
         raise web.HTTPNotFound(reason="not found")
     return web.FileResponse(PORTAL_DIR / name, headers={

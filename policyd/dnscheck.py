@@ -1,5 +1,9 @@
 """DNS check of a hosted domain: MX, SPF, the SES verification TXT and the DKIM CNAMEs.
 
+Also the one list of every record a domain needs (``required_records``), which the portal
+shows with the check's verdict per record, and an advisory DMARC check that never changes
+``ok``.
+
 Every lookup runs concurrently on ``dns.asyncresolver`` (never blocking the event loop),
 is bounded by ``DnsSettings.timeout`` and never raises: a failed lookup becomes a check
 that is not ok and says why in ``found``.
@@ -60,6 +64,46 @@ def dns_name(domain: str) -> str:
     return text.lower()
 
 
+def spf_expected(spf_include: str) -> str:
+    """The SPF record a domain should publish when it has none (RFC 7208)."""
+    return f"v=spf1 include:{spf_include.lower().rstrip('.')} ~all"
+
+
+def dmarc_suggested(domain: str) -> str:
+    """A first DMARC policy (RFC 7489 §6.3): monitor only, reports to the domain's postmaster."""
+    return f"v=DMARC1; p=none; rua=mailto:postmaster@{dns_name(domain)}"
+
+
+def required_records(
+    domain: str, *, ses_domain: str | None = None, ses_token: str | None,
+    dkim_tokens: list[str], settings: DnsSettings
+) -> list[dict[str, Any]]:
+    """Every record the domain needs, in the order a person publishes them.
+
+    Each is ``{"type", "name", "value", "purpose", "required", "inherited_from"}``; purpose is
+    ses, dkim, mx, spf or dmarc. SES records are only listed once SES issued their tokens; for
+    a domain that sends through its parent's identity (``ses_domain``) they are the parent's,
+    with ``inherited_from`` naming it. MX is listed when ``[dns] mx_hosts`` names hosts.
+    """
+    origin = dns_name(domain)
+    owner = dns_name(ses_domain) if ses_domain else origin
+    inherited = owner if owner != origin else None
+    records = [{**r, "purpose": "ses" if r["type"] == "TXT" else "dkim", "required": True,
+                "inherited_from": inherited}
+               for r in expected_records(owner, ses_token=ses_token,
+                                         dkim_tokens=list(dkim_tokens)[:DKIM_TOKEN_COUNT],
+                                         region="")]
+    mine = {"required": True, "inherited_from": None}
+    for rank, host in enumerate(settings.mx_hosts, start=1):
+        records.append({"type": "MX", "name": origin, "value": f"{10 * rank} {dns_name(host)}",
+                        "purpose": "mx", **mine})
+    records.append({"type": "TXT", "name": origin, "value": spf_expected(settings.spf_include),
+                    "purpose": "spf", **mine})
+    records.append({"type": "TXT", "name": f"_dmarc.{origin}", "value": dmarc_suggested(origin),
+                    "purpose": "dmarc", **mine, "required": False})
+    return records
+
+
 def expected_records(
     domain: str, *, ses_token: str | None, dkim_tokens: list[str], region: str
 ) -> list[dict[str, str]]:
@@ -82,25 +126,35 @@ async def dns_check(
     dkim_tokens: list[str],
     region: str,
     settings: DnsSettings,
+    ses_domain: str | None = None,
+    dmarc: bool = False,
 ) -> dict[str, Any]:
-    """Look up the domain's MX, SPF, _amazonses TXT and DKIM CNAMEs; never raises."""
+    """Look up the domain's MX, SPF, _amazonses TXT and DKIM CNAMEs; never raises.
+
+    ``ses_domain`` names the identity whose TXT and DKIM records count (a linked subdomain's
+    parent); by default the domain's own. ``advisory`` holds checks that never change ``ok``:
+    with ``dmarc``, the DMARC record, which SES does not need but receivers increasingly do.
+    """
     origin = dns_name(domain)
+    owner = dns_name(ses_domain) if ses_domain else origin
     tokens = list(dkim_tokens)[:DKIM_TOKEN_COUNT]
-    queries = [(origin, "MX"), (origin, "TXT")]
+    dmarc_name = f"_dmarc.{origin}"
+    queries = [(origin, "MX"), (origin, "TXT")] + ([(dmarc_name, "TXT")] if dmarc else [])
     if ses_token:
-        queries.append((f"_amazonses.{origin}", "TXT"))
-    queries += [(_dkim_name(t, origin), "CNAME") for t in tokens]
+        queries.append((f"_amazonses.{owner}", "TXT"))
+    queries += [(_dkim_name(t, owner), "CNAME") for t in tokens]
     answers = dict(zip(queries, await _resolve_all(queries, settings)))
     checks = [
         _mx_check(origin, answers[(origin, "MX")], settings.mx_hosts),
         _spf_check(origin, answers[(origin, "TXT")], settings.spf_include),
-        _token_check(origin, ses_token, answers.get((f"_amazonses.{origin}", "TXT"))),
-        *[_dkim_check(t, origin, answers[(_dkim_name(t, origin), "CNAME")]) for t in tokens],
+        _token_check(owner, ses_token, answers.get((f"_amazonses.{owner}", "TXT"))),
+        *[_dkim_check(t, owner, answers[(_dkim_name(t, owner), "CNAME")]) for t in tokens],
         *[_missing_dkim_check() for _ in range(DKIM_TOKEN_COUNT - len(tokens))],
     ]
     ok = all(check["ok"] for check in checks)
     log.info("dns-check %s ok=%s failed=%s", origin, ok, [c["name"] for c in checks if not c["ok"]])
-    return {"ok": ok, "checks": checks}
+    advisory = [_dmarc_check(origin, answers[(dmarc_name, "TXT")])] if dmarc else []
+    return {"ok": ok, "checks": checks, "advisory": advisory}
 
 
 def _dkim_name(token: str, origin: str) -> str:
@@ -198,7 +252,15 @@ def _spf_check(origin: str, answer: _Answer, spf_include: str) -> dict[str, Any]
     include = f"include:{spf_include.lower().rstrip('.')}"
     ok = answer.error is None and len(records) == 1 and _has_term(records[0], include)
     found = answer.error if answer.error is not None else records
-    return _check("SPF", origin, f"v=spf1 {include} ~all", found, ok)
+    return _check("SPF", origin, spf_expected(spf_include), found, ok)
+
+
+def _dmarc_check(origin: str, answer: _Answer) -> dict[str, Any]:
+    """OK with exactly one v=DMARC1 record at _dmarc (RFC 7489 §6.6.3: several mean none)."""
+    records = [txt for txt in answer.values if txt.replace(" ", "").lower().startswith("v=dmarc1")]
+    found = answer.error if answer.error is not None else records
+    return _check("DMARC", f"_dmarc.{origin}", dmarc_suggested(origin), found,
+                  answer.error is None and len(records) == 1)
 
 
 def _is_spf(txt: str) -> bool:

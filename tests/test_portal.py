@@ -5,8 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 import api
+from api.system import portal_config
 from tests.conftest import Daemon
 
 PORTAL = Path(api.__file__).parent / "static" / "portal"
@@ -30,9 +32,12 @@ async def test_portal_without_a_slash_redirects(daemon: Daemon) -> None:
     assert followed.status == 200 and followed.url.path == "/portal/"
 
 
+TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html",
+         ".svg": "image/svg+xml"}
+
+
 @pytest.mark.parametrize("name,content_type", [
-    ("portal.js", "text/javascript"), ("portal.css", "text/css"), ("index.html", "text/html"),
-])
+    (p.name, TYPES[p.suffix]) for p in sorted(PORTAL.iterdir()) if p.suffix in TYPES])
 async def test_portal_assets_have_their_content_type(daemon: Daemon, name: str,
                                                      content_type: str) -> None:
     resp = await daemon.client.get(f"/portal/{name}")
@@ -58,6 +63,27 @@ async def test_the_portal_loads_nothing_from_elsewhere() -> None:
     refs = re.findall(r'(?:src|href)="([^"#]+)"', html)
     assert refs and all(not re.match(r"^[a-z]+:|^//", ref) for ref in refs), refs
     assert {ref for ref in refs} <= {p.name for p in PORTAL.iterdir()}
-    script = (PORTAL / "portal.js").read_text(encoding="utf-8")
-    assert not re.search(r"""import[^;]*['"]https?:""", script)
-    assert "localStorage." not in script  # the key lives in the tab's session storage only
+    assert 'rel="icon" href="favicon.svg"' in html  # no /favicon.ico request, no 401 for it
+    for path in PORTAL.glob("*.js"):
+        script = path.read_text(encoding="utf-8")
+        imports = re.findall(r"""(?:import|from)\s*\(?\s*['"]([^'"]+)['"]""", script)
+        assert all(i.startswith("./") and (PORTAL / i[2:]).is_file() for i in imports), imports
+        assert "localStorage." not in script  # the key lives in the tab's session storage only
+        assert "innerHTML" not in script and "insertAdjacentHTML" not in script  # text only
+
+
+async def test_the_portal_config_says_which_optional_api_parts_exist(daemon: Daemon) -> None:
+    resp = await daemon.client.get("/portal/config.json")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    assert "Content-Security-Policy" in resp.headers
+    assert set((await resp.json())["features"]) == {"senders"}
+
+
+def test_the_senders_feature_follows_the_route_table() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({})
+    bare = web.Application()
+    assert portal_config(bare) == {"features": {"senders": False}}
+    with_senders = web.Application()
+    with_senders.add_routes([web.get("/domains/{name}/senders", handler)])
+    assert portal_config(with_senders) == {"features": {"senders": True}}

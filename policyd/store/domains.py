@@ -18,7 +18,7 @@ _COLUMNS = (
     "d.out_daily_limit, d.out_monthly_limit, d.out_enforcement, d.out_status, "
     "d.retention_days, d.transfer_limit_bytes, d.created_at, d.updated_at, "
     "p.name, p.ses_status, p.out_tier, p.out_daily_limit, p.out_monthly_limit, "
-    "p.out_enforcement")
+    "p.out_enforcement, p.ses_token, p.ses_dkim_tokens, p.ses_dkim_status")
 _FROM = "FROM domains d LEFT JOIN domains p ON p.id = d.parent_id"
 
 
@@ -30,6 +30,20 @@ class Parent:
     daily_limit: int | None
     monthly_limit: int | None
     enforcement: str
+    ses_token: str | None = None
+    ses_dkim_tokens: tuple[str, ...] = ()
+    ses_dkim_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendingIdentity:
+    """The SES identity a domain's mail is verified by, and where its records are published."""
+
+    name: str
+    token: str | None
+    dkim_tokens: tuple[str, ...]
+    dkim_status: str | None
+    inherited_from: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +84,24 @@ class Domain:
         """Verified itself, or through its wildcard parent."""
         return ses_verified(self.ses_status, self.parent.ses_status if self.parent else None)
 
+    @property
+    def sending_identity(self) -> SendingIdentity:
+        """Its own SES identity, or its parent's when it inherits one or has none of its own.
+
+        A linked subdomain sends through its parent's verified identity (SES verifies a domain
+        for its subdomains too), so the TXT and DKIM records that matter live in the parent's DNS.
+        """
+        p = self.parent
+        if p is not None and (self.ses_status == "inherited" or not self.ses_token):
+            return SendingIdentity(p.name, p.ses_token, p.ses_dkim_tokens, p.ses_dkim_status,
+                                   p.name)
+        return SendingIdentity(self.name, self.ses_token, self.ses_dkim_tokens,
+                               self.ses_dkim_status, None)
+
 
 def _row(r: tuple[Any, ...]) -> Domain:
-    parent = Parent(*r[20:26]) if r[20] is not None else None
+    parent = (Parent(*r[20:27], tuple(json.loads(r[27] or "[]")), r[28])
+              if r[20] is not None else None)
     return Domain(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8],
                   tuple(json.loads(r[9] or "[]")), r[10], r[11], r[12], r[13], r[14], r[15],
                   r[16], r[17], r[18], r[19], parent)
