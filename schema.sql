@@ -116,6 +116,31 @@ CREATE TABLE IF NOT EXISTS monthly_history (
     PRIMARY KEY (domain_id, period)
 ) STRICT, WITHOUT ROWID;
 
+-- Senders (SPEC §9): the hosted mailbox a SASL login names. A row exists once a mailbox has
+-- limits of its own or has been locked; without one it sends under the [senders] defaults.
+CREATE TABLE IF NOT EXISTS senders (
+    mailbox_id    INTEGER PRIMARY KEY REFERENCES mailboxes(id) ON DELETE CASCADE,
+    hourly_limit  INTEGER CHECK (hourly_limit >= 0),  -- NULL = the [senders] default
+    daily_limit   INTEGER CHECK (daily_limit >= 0),
+    status        TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'locked')),
+    locked_reason TEXT CHECK (locked_reason IN ('distinct_ips', 'manual')),
+    locked_by     TEXT,                               -- who locked it: an actor, or 'system'
+    locked_at     TEXT,
+    unlocked_at   TEXT,                               -- addresses seen before it are forgotten
+    updated_at    TEXT NOT NULL
+) STRICT;
+
+-- A sender's messages per clock hour ('YYYY-MM-DDTHH') and day ('YYYY-MM-DD') in
+-- [outbound] timezone: keyed by period like the domain counters, so a missed reset is
+-- harmless. Written in the same transaction as the domain's count.
+CREATE TABLE IF NOT EXISTS sender_counters (
+    mailbox_id INTEGER NOT NULL REFERENCES mailboxes(id) ON DELETE CASCADE,
+    kind       TEXT NOT NULL CHECK (kind IN ('hour', 'day')),
+    period     TEXT NOT NULL,
+    sent       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (mailbox_id, kind, period)
+) STRICT, WITHOUT ROWID;
+
 -- The change feed for delta sync. seq is the cursor: strictly increasing, never reused
 -- (AUTOINCREMENT), so changes sharing a timestamp are still ordered and never repeated.
 CREATE TABLE IF NOT EXISTS changes (

@@ -94,6 +94,17 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+def _limit(text: str) -> int | None:
+    """A number of messages, or '-' for unlimited (None)."""
+    text = text.strip()
+    if text == "-":
+        return None
+    number = int(text)
+    if number < 0:
+        raise ValueError("must be >= 0 or -")
+    return number
+
+
 # section -> key -> (parser, default text). The one list of every key the code reads.
 SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
     "database": {
@@ -156,6 +167,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "purge_interval": (_positive_float, "86400"),
         "notify_interval": (_positive_float, "30"),
         "sweep_interval": (_positive_float, "60"),
+    },
+    "senders": {
+        "hourly_limit": (_limit, "-"),
+        "daily_limit": (_limit, "-"),
+        "lock_distinct_ips": (_non_negative_int, "0"),
+        "lock_window": (_positive_float, "3600"),
+        "locked_reply": (_choice("reject", "hold"), "reject"),
     },
     "replication": {
         "control_socket": (_text, ""),
@@ -254,6 +272,15 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SendersConfig:
+    hourly_limit: int | None  # None = unlimited
+    daily_limit: int | None
+    lock_distinct_ips: int  # 0 = no lock
+    lock_window: float
+    locked_reply: str
+
+
+@dataclass(frozen=True)
 class ReplicationConfig:
     control_socket: str
     poll_interval: float
@@ -263,7 +290,8 @@ class ReplicationConfig:
 _SECTIONS: dict[str, type] = {
     "database": DatabaseConfig, "policy": PolicyConfig, "api": ApiConfig, "auth": AuthConfig,
     "ses": SesConfig, "sns": SnsConfig, "dns": DnsConfig, "outbound": OutboundConfig,
-    "mail": MailConfig, "scheduler": SchedulerConfig, "replication": ReplicationConfig,
+    "mail": MailConfig, "scheduler": SchedulerConfig, "senders": SendersConfig,
+    "replication": ReplicationConfig,
 }
 
 
@@ -279,6 +307,7 @@ class Config:
     outbound: OutboundConfig
     mail: MailConfig
     scheduler: SchedulerConfig
+    senders: SendersConfig
     replication: ReplicationConfig
     tiers: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     source: str = ""
@@ -287,16 +316,6 @@ class Config:
     def db_path(self) -> Path:
         """The database file, resolved."""
         return Path(self.database.path).expanduser()
-
-
-def _parse_limit(text: str) -> int | None:
-    text = text.strip()
-    if text == "-":
-        return None
-    number = int(text)
-    if number < 0:
-        raise ValueError("must be >= 0 or -")
-    return number
 
 
 def _parse_tiers(parser: configparser.ConfigParser) -> dict[str, tuple[int | None, int | None]]:
@@ -309,7 +328,7 @@ def _parse_tiers(parser: configparser.ConfigParser) -> dict[str, tuple[int | Non
             _check_text(name + value, False)
             if not sep:
                 raise ValueError("expected DAILY/MONTHLY")
-            tiers[name.lower()] = (_parse_limit(daily), _parse_limit(monthly))
+            tiers[name.lower()] = (_limit(daily), _limit(monthly))
         except ValueError as exc:
             raise ConfigError(f"[tiers] {name}: {exc} (got {value!r})") from None
     return tiers

@@ -123,7 +123,7 @@ def start_replication_monitor(rt: Runtime) -> asyncio.Task[None] | None:
 async def start_policy(rt: Runtime) -> PolicyServer:
     """Start the policy server on [policy] listen."""
     cfg = rt.config.policy
-    service = PolicyService(rt.store, cfg, rt.periods, rt.metrics)
+    service = PolicyService(rt.store, cfg, rt.periods, rt.metrics, rt.config.senders)
     server = PolicyServer(service.handle, host=cfg.listen[0], port=cfg.listen[1],
                           idle_timeout=cfg.idle_timeout, max_connections=cfg.max_connections,
                           on_count=rt.metrics.connections.set,

@@ -27,12 +27,13 @@ POLICY_REPLIES: tuple[tuple[str, str], ...] = (
     *(("REJECT", r) for r in ("not_hosted", "login_mismatch", "ses_unverified", "blocked",
                               "out_suspended")),
     *(("DEFER", r) for r in ("suspended", "quota_daily", "quota_monthly", "transfer",
-                             "inbound_suspended")),
+                             "inbound_suspended", "sender_hourly", "sender_daily")),
     *(("WARN", r) for r in ("quota_daily", "quota_monthly", "transfer")),
-    ("HOLD", "inbound_suspended"),
+    ("HOLD", "inbound_suspended"), ("REJECT", "sender_locked"), ("HOLD", "sender_locked"),
     ("DEFER_IF_PERMIT", "db_timeout"), ("DEFER_IF_PERMIT", "db_error"),
 )
 DB_ERRORS = ("timeout", "error")
+SENDER_LOCK_REASONS = ("distinct_ips", "manual")  # SPEC §9
 # reason label -> how the policy server's message for it starts (policyd.protocol and
 # policyd.policyserver); anything else counts as "malformed".
 PROTOCOL_ERRORS: dict[str, tuple[str, ...]] = {
@@ -90,6 +91,8 @@ class Metrics:
             ["job"], registry=registry)
         self.job_failures = Counter("policyd_job_failures", "Failed runs of each scheduled job",
                                     ["job"], registry=registry)
+        self.sender_locks = Counter("policyd_sender_locks", "Senders locked, by reason",
+                                    ["reason"], registry=registry)
         self._zero_series()
         ProcessCollector(registry)
         PlatformCollector(registry=registry)
@@ -101,7 +104,8 @@ class Metrics:
         for counter, values in ((self.db_errors, DB_ERRORS),
                                 (self.protocol_errors, tuple(PROTOCOL_ERRORS)),
                                 (self.webhooks, WEBHOOK_OUTCOMES),
-                                (self.notifications, NOTIFICATION_OUTCOMES)):
+                                (self.notifications, NOTIFICATION_OUTCOMES),
+                                (self.sender_locks, SENDER_LOCK_REASONS)):
             for value in values:
                 counter.labels(value)
 

@@ -95,14 +95,39 @@ class DomainFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class SenderFacts:
+    """The hosted mailbox a SASL login names (SPEC §9): its effective limits (None =
+    unlimited), its use in the running clock hour and day, and whether it is locked."""
+
+    email: str
+    hourly_limit: int | None = None
+    daily_limit: int | None = None
+    sent_hour: int = 0
+    sent_today: int = 0
+    locked: bool = False
+
+    def plus(self, count: int) -> SenderFacts:
+        """These facts with count more messages sent (held at COUNTER_MAX, as stored)."""
+        return SenderFacts(self.email, self.hourly_limit, self.daily_limit,
+                           min(self.sent_hour + count, COUNTER_MAX),
+                           min(self.sent_today + count, COUNTER_MAX), self.locked)
+
+
+def sender_limit(own: int | None, default: int | None) -> int | None:
+    """A login's effective limit: its own when set, else the [senders] default."""
+    return default if own is None else own
+
+
+@dataclass(frozen=True, slots=True)
 class Facts:
-    """What the store knows about one request's domains."""
+    """What the store knows about one request's domains and its SASL login."""
 
     sender: DomainFacts | None = None  # None = sender domain not hosted
     login_partner_known: bool = False  # the SASL login's domain is hosted
     login_partner_id: int | None = None  # its partner (None = master-owned)
     recipient: DomainFacts | None = None  # None = recipient domain not hosted
     counters: Usage = NO_USAGE  # the sender domain's usage
+    login: SenderFacts | None = None  # None = no SASL login, or no hosted mailbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +153,11 @@ def decide(
     *,
     count_at: str = "END-OF-MESSAGE",
     suspended_inbound: str = "hold",
+    locked_reply: str = "reject",
     outbound: bool,
 ) -> Decision:
-    """Decide one request per SPEC §6 (outbound: checks in table order, then quota)."""
+    """Decide one request per SPEC §6 and §9 (outbound: the domain's checks in table order,
+    then the login's lock and limits, then the domain's quota)."""
     if count_at not in COUNT_AT_CHOICES:
         raise ValueError(f"count_at must be one of {', '.join(COUNT_AT_CHOICES)}")
     count_rank = _STATE_RANK[count_at]
@@ -138,11 +165,12 @@ def decide(
     if rank is None or req.request != POLICY_REQUEST:
         return NO_RULE
     if outbound:
-        return _outbound(req, facts, rank, count_rank)
+        return _outbound(req, facts, rank, count_rank, locked_reply)
     return _inbound(req, facts.recipient, rank, count_rank, suspended_inbound)
 
 
-def _outbound(req: PolicyRequest, facts: Facts, rank: int, count_rank: int) -> Decision:
+def _outbound(req: PolicyRequest, facts: Facts, rank: int, count_rank: int,
+              locked_reply: str) -> Decision:
     if not req.sender:
         return NULL_SENDER
     domain = facts.sender
@@ -151,10 +179,44 @@ def _outbound(req: PolicyRequest, facts: Facts, rank: int, count_rank: int) -> D
     refusal = _refusal(domain, facts)
     if refusal is not None:
         return refusal
+    login = facts.login
+    if login is not None and login.locked:
+        return _locked(login, locked_reply)
     if rank > count_rank:
         # Already counted at count_at for this message: checking again would count it twice.
         return _ALLOWED_UNCOUNTED
-    return _quota(req, facts.counters, domain, counting=rank == count_rank)
+    counting = rank == count_rank
+    if login is not None:
+        over = sender_over_limit(login, message_units(req)[0])
+        if over is not None:
+            return _sender_limit_decision(login, over)
+    return _quota(req, facts.counters, domain, counting=counting)
+
+
+def _locked(login: SenderFacts, locked_reply: str) -> Decision:
+    """A locked login's mail (SPEC §9): refused, or held for the postmaster; never counted."""
+    shown = _printable(login.email)
+    if locked_reply == "hold":
+        return Decision(f"HOLD Sender {shown} is locked", "sender_locked")
+    return Decision(f"REJECT 5.7.1 Sender {shown} is locked, contact your provider",
+                    "sender_locked")
+
+
+def sender_over_limit(login: SenderFacts, count: int) -> str | None:
+    """The login's limit that counting count more messages would exceed, or None."""
+    if login.hourly_limit is not None and login.sent_hour + count > login.hourly_limit:
+        return "sender_hourly"
+    if login.daily_limit is not None and login.sent_today + count > login.daily_limit:
+        return "sender_daily"
+    return None
+
+
+def _sender_limit_decision(login: SenderFacts, reason: str) -> Decision:
+    """Over a login's own limit: deferred whatever the domain's enforcement, nothing counted."""
+    limit = login.hourly_limit if reason == "sender_hourly" else login.daily_limit
+    period = "Hourly" if reason == "sender_hourly" else "Daily"
+    return Decision(f"DEFER 4.7.1 {period} sending limit of {limit} messages reached for "
+                    f"sender {_printable(login.email)}, try again later", reason)
 
 
 def _not_hosted(sender_domain: str) -> Decision:

@@ -39,23 +39,33 @@ def add_months(month: str, delta: int) -> str:
 
 
 class Periods:
-    """Day and month period keys in one time zone (ZoneInfo caches the zone data)."""
+    """Hour, day and month period keys in one time zone (ZoneInfo caches the zone data)."""
 
     __slots__ = ("zone", "_last")
 
     def __init__(self, zone_name: str) -> None:
         self.zone = ZoneInfo(zone_name)
         # (whole second, its keys) last asked, one tuple: threads share it (the hot path asks)
-        self._last: tuple[float, tuple[str, str]] = (-1.0, ("", ""))
+        self._last: tuple[float, tuple[str, str, str]] = (-1.0, ("", "", ""))
 
     def keys(self, moment: datetime) -> tuple[str, str]:
         """Return ('YYYY-MM-DD', 'YYYY-MM') of moment in this zone (naive moments are UTC)."""
+        day, month, _ = self._keys(moment)
+        return day, month
+
+    def hour(self, moment: datetime) -> str:
+        """Return the clock hour 'YYYY-MM-DDTHH' of moment in this zone (the hour repeated
+        when summer time ends is one period: counted together, never freed early)."""
+        return self._keys(moment)[2]
+
+    def _keys(self, moment: datetime) -> tuple[str, str, str]:
         if moment.tzinfo is None:  # astimezone() would read a naive time as host-local
             moment = moment.replace(tzinfo=timezone.utc)
         second = moment.timestamp() // 1  # zone offsets are whole seconds: a day starts on one
         last = self._last
         if second == last[0]:
             return last[1]
-        day = moment.astimezone(self.zone).strftime("%Y-%m-%d")
-        self._last = (second, (day, day[:7]))
-        return day, day[:7]
+        hour = moment.astimezone(self.zone).strftime("%Y-%m-%dT%H")
+        keys = (hour[:10], hour[:7], hour)
+        self._last = (second, keys)
+        return keys

@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 
 from policyd.protocol import to_request
-from policyd.service import JobOptions, PolicyBatch, PolicyJob
+from policyd.batch import JobOptions, PolicyBatch, PolicyJob
 from policyd.store import Store, connect, counters
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE

@@ -13,7 +13,7 @@ import pytest
 
 from policyd.policy import COUNTER_MAX
 from policyd.protocol import MAX_RECIPIENTS, MAX_SIZE, to_request
-from policyd.service import JobOptions, PolicyBatch, PolicyJob
+from policyd.batch import JobOptions, PolicyBatch, PolicyJob
 from policyd.store import Store, StoreError, counters
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE
@@ -135,6 +135,6 @@ async def test_a_request_whose_counting_fails_fails_alone(store: Store) -> None:
     assert (await store.read(counters.totals, fine, day, month)).sent_today == 3
     assert (await store.read(counters.totals, broken, day, month)).sent_today == 0
     # what the batch keeps is what was committed: the next run counts on from 3, not 5
-    assert (await submit_batched(store, batch, _job("d@fine.example"))).action == "DUNNO"
+    assert (await submit_batched(store, batch, _job("a@fine.example"))).action == "DUNNO"
     assert (await store.read(counters.totals, fine, day, month)).sent_today == 4
     assert batch.reads == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from policyd.protocol import to_request
-from policyd.service import JobOptions, PolicyBatch, PolicyJob
+from policyd.batch import JobOptions, PolicyBatch, PolicyJob
 from policyd.store import connect, counters, open_and_migrate
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE

@@ -456,11 +456,29 @@ async def test_decision_is_logged_once_per_request(daemon: Daemon,
     await daemon.domain("example.com")
     client = await daemon.policy()
     with caplog.at_level(logging.INFO, logger="policyd.service"):
-        assert await client.ask(**outbound("a@example.com")) == "DUNNO"
+        assert await client.ask(**outbound("a@example.com", queue_id="4XyZ1234",
+                                           client_address="198.51.100.7")) == "DUNNO"
     lines = [r.getMessage() for r in caplog.records if r.name == "policyd.service"]
     assert len(lines) == 1, lines
-    assert "sender=a@example.com" in lines[0] and "action='DUNNO'" in lines[0]
-    assert "latency_us=" in lines[0] and "rcpt_count=1" in lines[0]
+    # what SPEC §10 asks for, to match Postfix's own line by queue id and client
+    fields = dict(item.split("=", 1) for item in lines[0].split()[1:])
+    assert fields["client"] == "198.51.100.7" and fields["queue_id"] == "4XyZ1234"
+    assert fields["sasl_username"] == "a@example.com" and fields["sender"] == "a@example.com"
+    assert fields["recipient"] == "rcpt@example.org" and fields["recipient_count"] == "1"
+    assert fields["action"] == "'DUNNO'" and fields["reason"] == "allowed"
+    assert int(fields["latency_us"]) >= 0
+    await client.close()
+
+
+async def test_the_decision_line_escapes_what_the_request_brings(
+        daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
+    client = await daemon.policy()
+    with caplog.at_level(logging.INFO, logger="policyd.service"):
+        await client.ask(**outbound("a@nowhere.example", queue_id="Q\rINFO forged",
+                                    sasl_username="x\x1b[31m@nowhere.example"))
+    line = next(r.getMessage() for r in caplog.records if r.name == "policyd.service")
+    assert "\r" not in line and "\x1b" not in line
+    assert "queue_id=Q\\rINFO" in line and "x\\x1b[31m" in line
     await client.close()
 
 

@@ -100,7 +100,8 @@ class Domain:
 
 
 def _row(r: tuple[Any, ...]) -> Domain:
-    parent = (Parent(*r[20:27], tuple(json.loads(r[27] or "[]")), r[28])
+    parent = (Parent(r[20], r[21], r[22], r[23], r[24], r[25], r[26],
+                     tuple(json.loads(r[27] or "[]")), r[28])
               if r[20] is not None else None)
     return Domain(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8],
                   tuple(json.loads(r[9] or "[]")), r[10], r[11], r[12], r[13], r[14], r[15],

@@ -15,7 +15,7 @@ from importlib import resources
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: senders and sender_counters (SPEC §9)
 _COMMENT = re.compile(r"--[^\n]*")
 _SPACE = re.compile(r"\s+")
 _QUOTED_NAME = re.compile(r'^(CREATE \w+) "([^"]+)"')  # ALTER TABLE RENAME quotes the name
