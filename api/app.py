@@ -9,7 +9,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from api import domains, mailboxes, outbound, system, tenancy
+from api import domains, mailboxes, openapi, outbound, system, tenancy
 from api.common import MASTER_TOKEN, RUNTIME, SCOPE_KEY, error_response
 from policyd.errors import PolicydError, Unauthorized
 from policyd.runtime import Runtime
@@ -20,7 +20,7 @@ from policyd.timeutil import iso, utcnow
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PREFIXES = ("/health", "/webhooks/ses", "/portal")
+PUBLIC_PREFIXES = ("/health", "/webhooks/ses", "/portal", "/openapi.json")
 SECRET_PARAMS = frozenset({"token"})  # /api-keys/{token}: a key id, or the token itself
 
 
@@ -28,6 +28,7 @@ def routes() -> list[web.AbstractRouteDef]:
     """The whole route table, in one place."""
     return [
         *system.ROUTES, *domains.ROUTES, *outbound.ROUTES, *mailboxes.ROUTES, *tenancy.ROUTES,
+        *openapi.ROUTES,
     ]
 
 
