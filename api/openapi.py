@@ -299,7 +299,7 @@ QUERY: dict[str, tuple[Schema, str]] = {
     "force": ({"type": "boolean", "default": False},
               "also delete what it still holds (mailboxes, domains)"),
     "domain": ({"type": "string", "minLength": 1}, "only this domain's"),
-    "partner_id": (integer(0, MAX_DIGITS), "only this partner's"),
+    "partner_id": (integer(1, MAX_DIGITS), "only this partner's"),
     "since": ({"type": "string"}, "an ISO-8601 time, or the cursor of the last page"),
     "cursor": ({"type": "string"}, "the cursor of the last page (as since)"),
     "until": ({"type": "string", "format": "date-time"}, "an ISO-8601 time"),

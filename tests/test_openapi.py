@@ -188,3 +188,12 @@ async def test_every_master_only_operation_is_403_to_a_client(daemon: Daemon) ->
             path = path.replace(placeholder, value)
         status, payload = await answer(daemon, method, path, {}, token=client)
         assert status == 403 and payload["error"]["code"] == "forbidden", (method, path)
+
+
+async def test_a_key_filter_on_partner_zero_is_refused_not_ignored(daemon: Daemon) -> None:
+    partner = await daemon.partner()
+    await daemon.key(partner["id"])
+    status, payload = await answer(daemon, "GET", "/api-keys/?partner_id=0")
+    assert status == 400 and payload["error"]["code"] == "invalid", payload
+    status, payload = await answer(daemon, "GET", f"/api-keys/?partner_id={partner['id']}")
+    assert status == 200 and len(payload["items"]) == 1
