@@ -180,10 +180,12 @@ CREATE VIEW IF NOT EXISTS postfix_aliases AS
         SELECT group_concat(t.address, ',') FROM aliases a
         JOIN alias_destinations t ON t.alias_id = a.id WHERE a.source = m.email), '')
     FROM mailboxes m WHERE m.active = 1;
+-- Dovecot's userdb reads every active mailbox; its passdb (login) also needs
+-- domain_status = 'active' (conf/dovecot/dovecot-policyd-sql.conf.ext).
 CREATE VIEW IF NOT EXISTS dovecot_users AS
     SELECT m.email AS user, m.password_hash AS password,
            CASE WHEN m.quota_bytes IS NULL THEN '*:storage=0'
                 ELSE '*:bytes=' || m.quota_bytes END AS quota_rule,
-           d.name AS domain, m.local_part AS local_part
+           d.name AS domain, m.local_part AS local_part, d.status AS domain_status
     FROM mailboxes m JOIN domains d ON d.id = m.domain_id
     WHERE m.active = 1;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite: system packages the integration tests use (Postfix
-# with sqlite maps, swaks, sqlite3, Dovecot with its SQLite driver) and the vmail user when
+# with sqlite maps, swaks with TLS, sqlite3, Dovecot with its SQLite driver and LMTP server,
+# systemd's tools for deploy/install.sh and systemd-analyze) and the vmail user when
 # run as root, a venv with the package and its test extras, then pytest. This is the command
 # .ci/run calls.
 set -euo pipefail
@@ -8,14 +9,17 @@ cd "$(dirname "$0")"
 missing=0
 for tool in postmap swaks sqlite3 doveadm; do command -v "$tool" >/dev/null || missing=1; done
 dpkg -s postfix-sqlite >/dev/null 2>&1 || missing=1
-dpkg -s dovecot-sqlite >/dev/null 2>&1 || missing=1
+for pkg in dovecot-sqlite dovecot-lmtpd libnet-ssleay-perl systemd; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing=1
+done
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing=1
 if [ "$missing" = 1 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
         apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            postfix postfix-sqlite swaks sqlite3 python3-venv dovecot-core dovecot-sqlite
+            postfix postfix-sqlite swaks sqlite3 python3-venv dovecot-core dovecot-sqlite \
+            dovecot-lmtpd libnet-ssleay-perl systemd
     else
         echo "not root: tests needing Postfix, swaks or Dovecot are skipped where they are" \
             "missing" >&2
@@ -27,5 +31,5 @@ if [ "$(id -u)" = 0 ] && ! getent passwd vmail >/dev/null; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q ".[test]"
+.venv/bin/pip install -q ".[test,replication]"
 exec .venv/bin/python -m pytest "$@"

@@ -7,9 +7,11 @@ import re
 import sqlite3
 from typing import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol, web_server
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_request import BaseRequest
 
-from api import domains, mailboxes, openapi, outbound, system, tenancy
+from api import domains, mailboxes, openapi, outbound, system, tenancy, webhooks
 from api.common import MASTER_TOKEN, RUNTIME, SCOPE_KEY, error_response
 from policyd.errors import PolicydError, Unauthorized
 from policyd.runtime import Runtime
@@ -28,7 +30,7 @@ def routes() -> list[web.AbstractRouteDef]:
     """The whole route table, in one place."""
     return [
         *system.ROUTES, *domains.ROUTES, *outbound.ROUTES, *mailboxes.ROUTES, *tenancy.ROUTES,
-        *openapi.ROUTES,
+        *webhooks.ROUTES, *openapi.ROUTES,
     ]
 
 
@@ -67,14 +69,48 @@ def loggable_path(request: web.Request) -> str:
 
 def _http_error(exc: web.HTTPException) -> web.Response:
     """aiohttp's own errors (no route, wrong method, ...) in the one JSON shape."""
-    code = {401: "unauthorized", 403: "forbidden", 404: "not_found",
-            405: "method_not_allowed", 409: "exists"}.get(exc.status, "invalid")
-    if exc.status >= 500:
-        code = "unavailable" if exc.status == 503 else "internal"
-    response = error_response(exc.status, code, exc.reason)
+    response = error_response(exc.status, _error_code(exc.status), exc.reason)
     if "Allow" in exc.headers:  # RFC 9110 §15.5.6: a 405 lists the allowed methods
         response.headers["Allow"] = exc.headers["Allow"]
     return response
+
+
+_ERROR_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 409: "exists", 503: "unavailable"}
+
+
+def _error_code(status: int) -> str:
+    return _ERROR_CODES.get(status, "internal" if status >= 500 else "invalid")
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with its own error replies (a request line or header
+    its parser refuses, a handler timeout) in the one JSON shape instead of text/plain: no
+    middleware sees those requests (SPEC §8: every 4xx is JSON)."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: the connection is broken
+            raise ConnectionError("response already sent, cannot send an error")
+        if status >= 500:
+            log.error("HTTP request from %s failed: %s", request.remote, type(exc).__name__,
+                      exc_info=exc)
+        else:  # one line, and never the client's bytes (the parser's message quotes them)
+            log.info("HTTP request from %s refused (%d): %s", request.remote, status,
+                     type(exc).__name__ if exc else "bad request")
+        if isinstance(exc, LineTooLong):
+            detail = "request line or header over the size limit"
+        else:
+            detail = "malformed HTTP request" if status < 500 else "internal error"
+        response = error_response(status, _error_code(status), detail)
+        response.force_close()
+        return response
+
+
+# aiohttp builds one RequestHandler per connection from this module-level name
+# (web_server.Server.__call__); there is no option to pass another class.
+web_server.RequestHandler = _JsonErrorHandler  # type: ignore[misc]
 
 
 def _token(request: web.Request) -> str | None:

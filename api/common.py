@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from policyd.errors import Forbidden, Invalid, PolicydError
-from policyd.names import NameError_
+from policyd.names import InvalidName, has_control
 from policyd.runtime import Runtime
 from policyd.store.scope import Scope
 
@@ -89,17 +89,18 @@ def opt_str(body: dict[str, Any], field: str, *, max_len: int = 255) -> str | No
     if len(value) > max_len:
         raise Invalid(f"{field} must be at most {max_len} characters")
     if not is_clean_text(value):
-        raise Invalid(f"{field} must be valid UTF-8 text without NUL")
+        raise Invalid(f"{field} must be valid UTF-8 text without control characters")
     return value
 
 
 def is_clean_text(value: str) -> bool:
-    """True if value has no NUL and encodes to UTF-8 (JSON may carry lone surrogates)."""
+    """True if value encodes to UTF-8 (JSON may carry lone surrogates) and holds no control
+    character (C0, DEL, C1): text fields end up in log lines and maps (SPEC §8)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return "\x00" not in value
+    return not has_control(value)
 
 
 def opt_bool(body: dict[str, Any], field: str) -> bool | None:
@@ -149,7 +150,7 @@ def normalised(fn: Any, value: Any) -> Any:
     """Run a names normaliser, turning its error into Invalid."""
     try:
         return fn(value)
-    except NameError_ as exc:
+    except InvalidName as exc:
         raise Invalid(str(exc)) from None
 
 

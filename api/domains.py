@@ -17,7 +17,6 @@ from policyd.runtime import Runtime
 from policyd.store import counters
 from policyd.store import domains as store
 from policyd.store.domains import Domain
-from policyd.store.changes import audit
 from policyd.store.scope import Scope
 from policyd.timeutil import utcnow
 
@@ -153,8 +152,7 @@ async def set_parent(request: web.Request) -> web.Response:
     if "parent" in body:
         await rt.store.write(store.set_parent, scope, name, parent, wildcard)
     else:
-        await rt.store.write(store.update_fields, scope, name, {"wildcard": int(bool(wildcard))},
-                             "domain.parent")
+        await rt.store.write(store.set_wildcard, scope, name, bool(wildcard))
     return web.json_response(await show(rt, scope, name))
 
 
@@ -176,13 +174,10 @@ async def ses_verify(request: web.Request) -> web.Response:
     """POST /domains/{name}/ses-verify (master): start SES verification."""
     rt, scope = runtime_of(request), require_master(request)
     name = domain_name(request)
-    before = await rt.store.read(store.get_domain, scope, name)
-    if rt.ses is None or not await sesflow.start_verification(rt, name):
+    await rt.store.read(store.get_domain, scope, name)
+    if rt.ses is None or not await sesflow.start_verification(rt, name, audited_by=scope):
         raise Unavailable("SES verification could not be started; the poller will retry")
-    view = await show(rt, scope, name)
-    await rt.store.write(audit, scope, "domain.ses_verify", name,
-                         {"ses_status": before.ses_status}, {"ses_status": view["ses"]["status"]})
-    return web.json_response(view)
+    return web.json_response(await show(rt, scope, name))
 
 
 async def ses_status(request: web.Request) -> web.Response:
@@ -205,23 +200,23 @@ async def get_retention(request: web.Request) -> web.Response:
     return web.json_response({"domain": view["name"], "retention_days": view["retention_days"]})
 
 
-async def _put_master_number(request: web.Request, field: str, column: str, action: str,
-                             hint: str, **bounds: int) -> None:
-    """Set one nullable number of a domain from a master-only PUT {field: n or null}."""
-    rt, scope = runtime_of(request), require_master(request)
+async def _master_number(request: web.Request, field: str, hint: str,
+                         **bounds: int) -> tuple[Scope, str, int | None]:
+    """(scope, domain, n) of a master-only PUT {field: n or null}."""
+    scope = require_master(request)
     name = domain_name(request)
     body = await json_body(request)
     only(body, (field,))
     if field not in body:
         raise Invalid(f"{field} is required ({hint}, or null)")
-    value = opt_int(body, field, **bounds)
-    await rt.store.write(store.update_fields, scope, name, {column: value}, action)
+    return scope, name, opt_int(body, field, **bounds)
 
 
 async def put_retention(request: web.Request) -> web.Response:
     """PUT /domains/{name}/retention (master)."""
-    await _put_master_number(request, "retention_days", "retention_days", "domain.retention",
-                             "a number of days", minimum=1, maximum=36500)
+    scope, name, days = await _master_number(request, "retention_days", "a number of days",
+                                             minimum=1, maximum=36500)
+    await runtime_of(request).store.write(store.set_retention, scope, name, days)
     return await get_retention(request)
 
 
@@ -233,8 +228,8 @@ async def get_transfer(request: web.Request) -> web.Response:
 
 async def put_transfer(request: web.Request) -> web.Response:
     """PUT /domains/{name}/transfer (master)."""
-    await _put_master_number(request, "monthly_limit_bytes", "transfer_limit_bytes",
-                             "domain.transfer", "bytes")
+    scope, name, limit = await _master_number(request, "monthly_limit_bytes", "bytes")
+    await runtime_of(request).store.write(store.set_transfer_limit, scope, name, limit)
     return await get_transfer(request)
 
 

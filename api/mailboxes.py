@@ -1,6 +1,7 @@
 """Handlers for /users (mailboxes, quota) and /aliases (aliases and catch-alls)."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -14,8 +15,23 @@ from policyd.store import mailboxes as store
 from policyd.store.domains import get_domain
 from policyd.store.mailboxes import Alias, Mailbox
 
+log = logging.getLogger(__name__)
 MAX_DESTINATIONS = 100
 USER_FIELDS = ("email", "password", "name", "quota_bytes", "active")
+
+
+def _changes(before: Mailbox | None, after: Mailbox, password: bool) -> str:
+    """What a write changed, for the log line: never the password or its hash, never the
+    display name's text (free text), only that they changed."""
+    changed = []
+    if before is None or before.name != after.name:
+        changed.append("name")
+    for field in ("quota_bytes", "active"):
+        if before is None or getattr(before, field) != getattr(after, field):
+            changed.append(f"{field}={getattr(after, field)}")
+    if password:
+        changed.append("password")
+    return ", ".join(changed)
 
 
 def render_mailbox(m: Mailbox) -> dict[str, Any]:
@@ -71,6 +87,8 @@ async def create_user(request: web.Request) -> web.Response:
     await rt.store.read(get_domain, scope, domain)
     fields = await _user_fields(body)
     mailbox = await rt.store.write(store.create_mailbox, scope, local, domain, fields)
+    log.info("mailbox %s created by %s: %s", mailbox.email, scope.actor,
+             _changes(None, mailbox, password=True))
     return web.json_response(render_mailbox(mailbox), status=201)
 
 
@@ -100,17 +118,21 @@ async def update_user(request: web.Request) -> web.Response:
     if "email" in body and _email(body["email"]) != address:
         raise Invalid("email cannot be changed; create a new mailbox")
     body.pop("email", None)
-    await rt.store.read(store.get_mailbox, scope, address)
+    before = await rt.store.read(store.get_mailbox, scope, address)
     mailbox = await rt.store.write(store.update_mailbox, scope, address,
                                    await _user_fields(body))
+    changes = _changes(before, mailbox, password="password" in body)
+    if changes:
+        log.info("mailbox %s updated by %s: %s", address, scope.actor, changes)
     return web.json_response(render_mailbox(mailbox))
 
 
 async def delete_user(request: web.Request) -> web.Response:
     """DELETE /users/{email}."""
-    rt = runtime_of(request)
-    await rt.store.write(store.delete_mailbox, scope_of(request),
-                         _email(request.match_info["email"]))
+    rt, scope = runtime_of(request), scope_of(request)
+    address = _email(request.match_info["email"])
+    await rt.store.write(store.delete_mailbox, scope, address)
+    log.info("mailbox %s deleted by %s", address, scope.actor)
     return web.Response(status=204)
 
 
@@ -131,8 +153,9 @@ async def put_quota(request: web.Request) -> web.Response:
     only(body, ("quota_bytes",))
     if "quota_bytes" not in body:
         raise Invalid("quota_bytes is required (bytes, or null for unlimited)")
-    await rt.store.write(store.update_mailbox, scope, address,
-                         {"quota_bytes": opt_int(body, "quota_bytes")})
+    quota = opt_int(body, "quota_bytes")
+    await rt.store.write(store.update_mailbox, scope, address, {"quota_bytes": quota})
+    log.info("mailbox %s updated by %s: quota_bytes=%s", address, scope.actor, quota)
     return await get_quota(request)
 
 
@@ -161,6 +184,8 @@ async def create_alias(request: web.Request) -> web.Response:
     if source in destinations:
         raise Invalid("an alias cannot deliver to itself")
     alias = await rt.store.write(store.create_alias, scope, source, domain, destinations)
+    log.info("alias %s created by %s: %d destination(s)", alias.source, scope.actor,
+             len(alias.destinations))
     return web.json_response(render_alias(alias), status=201)
 
 
@@ -188,8 +213,10 @@ async def get_alias(request: web.Request) -> web.Response:
 
 async def delete_alias(request: web.Request) -> web.Response:
     """DELETE /aliases/{source}."""
-    rt = runtime_of(request)
-    await rt.store.write(store.delete_alias, scope_of(request), _source(request))
+    rt, scope = runtime_of(request), scope_of(request)
+    source = _source(request)
+    await rt.store.write(store.delete_alias, scope, source)
+    log.info("alias %s deleted by %s", source, scope.actor)
     return web.Response(status=204)
 
 

@@ -12,7 +12,6 @@ from policyd.errors import Invalid
 from policyd.names import normalize_domain
 from policyd.store import counters
 from policyd.store import domains as domain_store
-from policyd.store.changes import audit
 from policyd.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,8 @@ async def increment(request: web.Request) -> web.Response:
             raise Invalid(f"{field} must be an integer from {low} to {MAX_UNITS}")
     day, month = rt.periods.keys(utcnow())
     result = await rt.store.write(outbound.increment, scope, name, count, nbytes, day, month,
-                                  feedback.thresholds(rt))
-    reply = {"allowed": result.allowed, "sent_today": result.sent_today,
+                                  feedback.Thresholds.of(rt.config.outbound))
+    reply: dict[str, object] = {"allowed": result.allowed, "sent_today": result.sent_today,
              "sent_month": result.sent_month}
     if result.reason:
         reply["reason"] = result.reason
@@ -84,9 +83,7 @@ async def _reset(request: web.Request, kind: str) -> web.Response:
     if not opt_bool(body, "current"):
         if "domain" in body:
             raise Invalid('a domain reset needs "current": true (it zeroes the running period)')
-        result = await jobs.reset(rt, kind)
-        await rt.store.write(audit, scope, f"outbound.reset_{result['kind']}", None, None, result)
-        return web.json_response(result)
+        return web.json_response(await jobs.reset(rt, kind, audited_by=scope))
     if "domain" not in body:
         raise Invalid('"current": true needs "domain"')
     name = normalised(normalize_domain, body["domain"])

@@ -1,4 +1,4 @@
-"""Handlers for /health, /metrics, the SNS webhook and the static portal."""
+"""Handlers for /health, /metrics and the static portal."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from api.common import SCOPE_KEY, require_master, runtime_of
-from policyd import __version__, feedback
+from policyd import __version__
 from policyd.metrics import CONTENT_TYPE
 from policyd.store.schema import SCHEMA_VERSION, user_version
 
@@ -40,9 +40,12 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "error", "db": "error",
              "error": {"code": "unavailable", "message": "database unusable"}}, status=503)
-    return web.json_response({"status": "ok", "db": "ok", "schema_version": version,
-                              "expected_schema_version": SCHEMA_VERSION,
-                              "version": __version__})
+    body = {"status": "ok", "db": "ok", "schema_version": version,
+            "expected_schema_version": SCHEMA_VERSION, "version": __version__}
+    replication = runtime_of(request).replication
+    if replication is not None:  # informative: a lagging replica does not fail the check
+        body["replication"] = replication.health()
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -51,13 +54,6 @@ async def metrics(request: web.Request) -> web.Response:
         require_master(request)
     body = runtime_of(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-
-async def ses_webhook(request: web.Request) -> web.Response:
-    """POST /webhooks/ses: SNS notifications (verified by signature, not token)."""
-    body = await request.read()
-    result = await feedback.handle_sns(runtime_of(request), body)
-    return web.json_response(result)
 
 
 async def portal(request: web.Request) -> web.StreamResponse:
@@ -76,7 +72,6 @@ async def portal_redirect(request: web.Request) -> web.Response:
 
 ROUTES = [
     web.get("/health", health), web.get("/metrics", metrics),
-    web.post("/webhooks/ses", ses_webhook),
     web.get("/portal", portal_redirect), web.get("/portal/", portal),
     web.get("/portal/{file}", portal),
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from policyd.store.partners import ApiKey
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, parse_iso
 
+log = logging.getLogger(__name__)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 QUOTA_FIELDS = ("max_domains", "max_mailboxes_per_domain", "max_aliases_per_mailbox")
 
@@ -37,7 +39,7 @@ def _partner_fields(body: dict[str, Any]) -> dict[str, Any]:
             fields[field] = opt_int(body, field, maximum=10**9)
     if "notify_url" in body:
         url = opt_str(body, "notify_url", max_len=2000)
-        if url is not None and not url.startswith(("https://", "http://")):
+        if url is not None and not url.startswith(("https://", "http://")):  # opt_str: no CR/LF
             raise Invalid("notify_url must be an http(s) URL or null")
         fields["notify_url"] = url
     return fields
@@ -119,6 +121,8 @@ async def create_key(request: web.Request) -> web.Response:
     name = opt_str(body, "name", max_len=200)
     expires_at = store.parse_expiry(body.get("expires_at"))
     key, token = await rt.store.write(store.create_key, scope, partner_id, name, expires_at)
+    log.info("API key %s created for partner %s by %s (expires %s)", key.id, key.partner_id,
+             scope.actor, key.expires_at or "never")
     return web.json_response({**render_key(key), "token": token}, status=201)
 
 
@@ -144,8 +148,10 @@ async def get_key(request: web.Request) -> web.Response:
 
 async def revoke_key(request: web.Request) -> web.Response:
     """DELETE /api-keys/{token}: revoke a key (idempotent); it answers 401 from now on."""
-    rt = runtime_of(request)
-    key = await rt.store.write(store.revoke_key, scope_of(request), request.match_info["token"])
+    rt, scope = runtime_of(request), scope_of(request)
+    # {token} may be the token itself: only the key's id is ever logged
+    key = await rt.store.write(store.revoke_key, scope, request.match_info["token"])
+    log.info("API key %s of partner %s revoked by %s", key.id, key.partner_id, scope.actor)
     return web.json_response(render_key(key))
 
 

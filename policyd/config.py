@@ -1,7 +1,9 @@
 """Configuration: an INI file read into one frozen dataclass per section.
 
-Every key has a built-in default so `policyd serve` runs with no file at all. Keys are declared
-once, in SCHEMA below; `conf/policyd.ini` documents each one (tests/test_config.py checks it).
+Every key has a built-in default so `policyd serve` runs with no file at all. SCHEMA below is
+the one list of keys, with their parsers and defaults; each section's dataclass holds the parsed
+values under the same names (building it from SCHEMA fails on any mismatch), and
+`conf/policyd.ini` documents each key (tests/test_config.py checks it).
 """
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from policyd.names import has_control
 
 
 class ConfigError(ValueError):
@@ -153,6 +157,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], str]]] = {
         "notify_interval": (_positive_float, "30"),
         "sweep_interval": (_positive_float, "60"),
     },
+    "replication": {
+        "control_socket": (_text, ""),
+        "poll_interval": (_positive_float, "5"),
+        "max_lag": (_positive_float, "30"),
+    },
 }
 
 BUILTIN_TIERS: dict[str, tuple[int | None, int | None]] = {
@@ -244,10 +253,17 @@ class SchedulerConfig:
     sweep_interval: float
 
 
+@dataclass(frozen=True)
+class ReplicationConfig:
+    control_socket: str
+    poll_interval: float
+    max_lag: float
+
+
 _SECTIONS: dict[str, type] = {
     "database": DatabaseConfig, "policy": PolicyConfig, "api": ApiConfig, "auth": AuthConfig,
     "ses": SesConfig, "sns": SnsConfig, "dns": DnsConfig, "outbound": OutboundConfig,
-    "mail": MailConfig, "scheduler": SchedulerConfig,
+    "mail": MailConfig, "scheduler": SchedulerConfig, "replication": ReplicationConfig,
 }
 
 
@@ -263,6 +279,7 @@ class Config:
     outbound: OutboundConfig
     mail: MailConfig
     scheduler: SchedulerConfig
+    replication: ReplicationConfig
     tiers: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     source: str = ""
 
@@ -289,6 +306,7 @@ def _parse_tiers(parser: configparser.ConfigParser) -> dict[str, tuple[int | Non
     for name, value in parser.items("tiers", raw=True):
         daily, sep, monthly = value.partition("/")
         try:
+            _check_text(name + value, False)
             if not sep:
                 raise ValueError("expected DAILY/MONTHLY")
             tiers[name.lower()] = (_parse_limit(daily), _parse_limit(monthly))
@@ -297,11 +315,22 @@ def _parse_tiers(parser: configparser.ConfigParser) -> dict[str, tuple[int | Non
     return tiers
 
 
+_LISTS = (_str_list, _networks)  # may be written over several lines
+
+
+def _check_text(text: str, multiline: bool) -> None:
+    """No control characters in a value (a list may span lines): they would end up in log
+    lines, SMTP replies and SQL file paths."""
+    if has_control(text.replace("\n", "") if multiline else text):
+        raise ValueError("contains a control character")
+
+
 def _build_section(parser: configparser.ConfigParser, section: str) -> Any:
     values: dict[str, Any] = {}
     for key, (parse, default) in SCHEMA[section].items():
         text = parser.get(section, key, raw=True, fallback=default)
         try:
+            _check_text(text, parse in _LISTS)
             values[key] = parse(text)
         except ValueError as exc:
             raise ConfigError(f"[{section}] {key}: {exc} (got {text!r})") from None
@@ -320,7 +349,7 @@ def _check_unknown(parser: configparser.ConfigParser) -> None:
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
-                environ: dict[str, str] | None = None) -> Config:
+                environ: Mapping[str, str] | None = None) -> Config:
     """Read the INI file at path (None: built-in defaults) into a Config."""
     environ = os.environ if environ is None else environ
     parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
@@ -336,9 +365,23 @@ def load_config(path: str | os.PathLike[str] | None = None,
     sections = {name: _build_section(parser, name) for name in SCHEMA}
     token = environ.get("POLICYD_MASTER_TOKEN")
     if token:
+        if has_control(token):
+            raise ConfigError("POLICYD_MASTER_TOKEN: contains a control character")
         sections["auth"] = AuthConfig(master_token=token)
     tiers = _parse_tiers(parser)
     if sections["outbound"].default_tier not in tiers:
         raise ConfigError(f"[outbound] default_tier: unknown tier "
                           f"{sections['outbound'].default_tier!r}")
     return Config(**sections, tiers=tiers, source=str(path or ""))
+
+
+def warnings(config: Config) -> list[str]:
+    """Settings that are valid but probably not what the operator wants (logged by `serve`,
+    printed by `check-config`)."""
+    found = []
+    if not config.sns.allowed_topic_arns:
+        found.append("[sns] allowed_topic_arns is empty: POST /webhooks/ses accepts no topic, "
+                     "so SES bounces and complaints are not counted (list your topic ARNs, "
+                     "or '*' for any)")
+    return found
+

@@ -51,8 +51,8 @@ class _Answer:
         return self.error if self.error is not None else list(self.values)
 
 
-def normalize_domain(domain: str) -> str:
-    """Lowercase A-label form of a domain, without the trailing dot."""
+def dns_name(domain: str) -> str:
+    """A name as DNS gives or takes it, compared as text: lowercase A-labels, no final dot."""
     try:
         text = dns.name.from_text(domain.strip()).to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError):
@@ -65,7 +65,7 @@ def expected_records(
 ) -> list[dict[str, str]]:
     """The TXT and CNAME records the customer must publish (only those we have tokens for)."""
     # region is accepted for the API's sake: SES Easy DKIM targets are dkim.amazonses.com.
-    origin = normalize_domain(domain)
+    origin = dns_name(domain)
     records = []
     if ses_token:
         records.append({"type": "TXT", "name": f"_amazonses.{origin}", "value": ses_token})
@@ -84,7 +84,7 @@ async def dns_check(
     settings: DnsSettings,
 ) -> dict[str, Any]:
     """Look up the domain's MX, SPF, _amazonses TXT and DKIM CNAMEs; never raises."""
-    origin = normalize_domain(domain)
+    origin = dns_name(domain)
     tokens = list(dkim_tokens)[:DKIM_TOKEN_COUNT]
     queries = [(origin, "MX"), (origin, "TXT")]
     if ses_token:
@@ -186,7 +186,7 @@ def _check(rtype: str, name: str | None, expected: Any, found: Any, ok: bool) ->
 
 def _mx_check(origin: str, answer: _Answer, mx_hosts: tuple[str, ...]) -> dict[str, Any]:
     """OK when every configured MX host is published, or any real MX when none is configured."""
-    wanted = [normalize_domain(h) for h in mx_hosts]
+    wanted = [dns_name(h) for h in mx_hosts]
     hosts = {h for h in answer.values if h != "."}  # "." is a null MX (RFC 7505): no mail
     ok = answer.error is None and (set(wanted) <= hosts if wanted else bool(hosts))
     return _check("MX", origin, wanted, answer.found(), ok)

@@ -1,28 +1,24 @@
-"""SES feedback through SNS: bounces and complaints, counted once, and the guillotine."""
+"""SES feedback: the bounces and complaints in an SES notification, counted once per SNS
+MessageId against the sending domain, and the guillotine."""
 from __future__ import annotations
 
 import logging
 import sqlite3
 from dataclasses import dataclass, field
 from fractions import Fraction
+import json
 from typing import Any
 
-from policyd.errors import Forbidden, Invalid, PolicydError, Unavailable
-from policyd.runtime import Runtime
-from policyd.sns import MailEvent, SnsError, mail_events, parse_envelope
+from policyd.config import OutboundConfig
+from policyd.names import InvalidName, normalize_domain
 from policyd.store import counters
-from policyd.store import notifications as outbox
-from policyd.store.domains import find_domain, update_fields
+from policyd.store import outbox
+from policyd.store.domains import block_outbound, find_domain
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
 
 log = logging.getLogger(__name__)
 GUILLOTINE = Scope(actor="system:guillotine")
-
-# SNS retries a delivery only on 5xx (AWS SNS "HTTP/S delivery policy"), so failures that are
-# ours or the network's answer 503; messages that are not genuine answer 403 and are dropped.
-_RETRYABLE = frozenset({"cert_fetch", "confirm_failed"})
-
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
@@ -30,6 +26,85 @@ class Thresholds:
 
     rate: float
     min_sent: int
+
+    @classmethod
+    def of(cls, config: OutboundConfig) -> Thresholds:
+        """The configured rate and minimum volume."""
+        return cls(config.bounce_rate_limit, config.bounce_min_sent)
+
+
+@dataclass(frozen=True)
+class MailEvent:
+    """A countable SES event: a permanent bounce or a complaint, per sending domain."""
+
+    kind: str  # "bounce" | "complaint"
+    source_domain: str
+    recipients: tuple[str, ...]
+
+
+# notificationType (identity notifications) / eventType (event publishing) -> (key, recipients)
+_MAIL_EVENT_SHAPES = {
+    "Bounce": ("bounce", "bouncedRecipients"),
+    "Complaint": ("complaint", "complainedRecipients"),
+}
+
+
+def mail_events(msg: dict[str, Any]) -> list[MailEvent]:
+    """Extract permanent bounces and complaints from an SES notification; [] otherwise."""
+    inner = _inner_json(msg.get("Message") if isinstance(msg, dict) else None)
+    if inner is None:
+        return []
+    type_name = inner.get("notificationType") or inner.get("eventType")
+    shape = _MAIL_EVENT_SHAPES.get(type_name) if isinstance(type_name, str) else None
+    if shape is None:
+        return []
+    kind, recipients_key = shape
+    detail = inner.get(kind)
+    if not isinstance(detail, dict):
+        return []
+    # Only hard bounces count; transient/undetermined ones are retried or unknown.
+    if kind == "bounce" and detail.get("bounceType") != "Permanent":
+        return []
+    domain = _source_domain(inner.get("mail"))
+    recipients = _recipient_addresses(detail.get(recipients_key))
+    if not domain or not recipients:
+        return []
+    return [MailEvent(kind=kind, source_domain=domain, recipients=recipients)]
+
+
+def _inner_json(message: object) -> dict[str, Any] | None:
+    """Decode the SNS Message string as a JSON object, or None."""
+    if not isinstance(message, str):
+        return None
+    try:
+        inner = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    return inner if isinstance(inner, dict) else None
+
+
+def _source_domain(mail: object) -> str:
+    """Domain of mail.source (after the last '@'), normalised as hosted names are (case,
+    trailing dot, IDNA A-labels); '' when unusable."""
+    source = mail.get("source") if isinstance(mail, dict) else None
+    if not isinstance(source, str) or "@" not in source:
+        return ""
+    try:
+        return normalize_domain(source.rpartition("@")[2].rstrip(">"))
+    except InvalidName:
+        return ""
+
+
+def _recipient_addresses(entries: object) -> tuple[str, ...]:
+    """emailAddress of each well-formed recipient entry, deduplicated in order."""
+    if not isinstance(entries, list):
+        return ()
+    addresses = (
+        entry["emailAddress"].strip()
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("emailAddress"), str)
+    )
+    return tuple(dict.fromkeys(address for address in addresses if address))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +137,7 @@ def count_events(conn: sqlite3.Connection, message_id: str, events: list[MailEve
     return Counted(duplicate=False, counted=counted, blocked=blocked)
 
 
-def over_limit(bounces: int, sent: int, limits: Thresholds) -> bool:
+def bounce_rate_reached(bounces: int, sent: int, limits: Thresholds) -> bool:
     """True when bounces/sent reaches the rate with at least min_sent sent (exact arithmetic)."""
     # Fraction: 3 bounces of 100 sent is exactly 3%, whatever float rounding says.
     return sent >= max(limits.min_sent, 1) and bounces >= Fraction(str(limits.rate)) * sent
@@ -72,23 +147,18 @@ def guillotine(conn: sqlite3.Connection, name: str, totals: counters.Totals,
                 limits: Thresholds) -> bool:
     """Block outbound when the month's bounce rate reaches the limit; queue the notice."""
     sent = totals.sent_month
-    if not over_limit(totals.bounces, sent, limits):
+    if not bounce_rate_reached(totals.bounces, sent, limits):
         return False
+    if not block_outbound(conn, GUILLOTINE, name, "outbound.guillotine"):
+        return False  # gone, or not active (already blocked, or suspended by the master)
     domain = find_domain(conn, name)
-    if domain is None or domain.out_status != "active":
-        return False
-    update_fields(conn, GUILLOTINE, name, {"out_status": "blocked"}, "outbound.guillotine")
+    assert domain is not None  # blocked just now, in this transaction
     rate = totals.bounces / sent
     outbox.enqueue(conn, domain.partner_id, "outbound_blocked", domain=name,
                    bounce_rate=round(rate, 6), bounces=totals.bounces, sent=sent)
     log.warning("guillotine: outbound of %s blocked (bounce rate %.4f = %d/%d over the month)",
                 name, rate, totals.bounces, sent)
     return True
-
-
-def thresholds(rt: Runtime) -> Thresholds:
-    """The guillotine's configured rate and minimum volume."""
-    return Thresholds(rt.config.outbound.bounce_rate_limit, rt.config.outbound.bounce_min_sent)
 
 
 def sweep(conn: sqlite3.Connection, day: str, month: str, limits: Thresholds) -> list[str]:
@@ -99,62 +169,3 @@ def sweep(conn: sqlite3.Connection, day: str, month: str, limits: Thresholds) ->
     """
     return [name for name, totals in counters.bounced_active(conn, day, month)
             if guillotine(conn, name, totals, limits)]
-
-
-def _refusal(exc: SnsError) -> PolicydError:
-    """The API error for a failed check: 400 malformed, 503 retryable, 403 not genuine."""
-    if exc.reason == "bad_envelope":
-        return Invalid(f"not an SNS message: {exc.detail or exc.reason}")
-    if exc.reason in _RETRYABLE:
-        return Unavailable(f"SNS message not processed, retry later: {exc.reason}")
-    return Forbidden(f"SNS message refused: {exc.reason}")
-
-
-async def _verified(rt: Runtime, body: bytes) -> dict[str, Any]:
-    """Parse and verify an SNS body; raises the API error (and counts the refusal)."""
-    try:
-        msg = parse_envelope(body)
-    except SnsError as exc:
-        rt.metrics.webhooks.labels(exc.reason).inc()
-        log.warning("SNS message refused: %s", exc)
-        raise _refusal(exc) from None
-    try:
-        await rt.sns.verify(msg)
-    except SnsError as exc:
-        rt.metrics.webhooks.labels(exc.reason).inc()
-        log.warning("SNS message %s refused: %s", msg.get("MessageId"), exc)
-        raise _refusal(exc) from None
-    return msg
-
-
-async def handle_sns(rt: Runtime, body: bytes) -> dict[str, object]:
-    """Verify and process one SNS HTTP message; raises Invalid, Forbidden or Unavailable."""
-    msg = await _verified(rt, body)
-    kind = msg["Type"]
-    if kind == "SubscriptionConfirmation":
-        return await _confirm(rt, msg)
-    if kind == "UnsubscribeConfirmation":
-        log.warning("SNS unsubscribe confirmation for topic %s", msg.get("TopicArn"))
-        rt.metrics.webhooks.labels("unsubscribe").inc()
-        return {"status": "logged"}
-    day, month = rt.periods.keys(utcnow())
-    limits = thresholds(rt)
-    result = await rt.store.write(count_events, msg["MessageId"], mail_events(msg), day, month,
-                                  limits)
-    rt.metrics.webhooks.labels("duplicate" if result.duplicate else "counted").inc()
-    if result.blocked and rt.notifier is not None:
-        rt.notifier.wake()  # delivery runs in the notifier's task, never in this request
-    return {"status": "duplicate" if result.duplicate else "ok", "counted": result.counted,
-            "blocked": result.blocked}
-
-
-async def _confirm(rt: Runtime, msg: dict[str, Any]) -> dict[str, object]:
-    """Confirm a verified SubscriptionConfirmation by GETting its SubscribeURL."""
-    try:
-        await rt.sns.confirm_subscription(msg)
-    except SnsError as exc:
-        rt.metrics.webhooks.labels(exc.reason).inc()
-        raise _refusal(exc) from None
-    log.info("SNS subscription to %s confirmed", msg.get("TopicArn"))
-    rt.metrics.webhooks.labels("subscribed").inc()
-    return {"status": "confirmed"}

@@ -8,16 +8,20 @@ from typing import Any
 
 from policyd import feedback, outbound, retention, sesflow
 from policyd.runtime import Runtime
+from policyd.store.scope import Scope
+from policyd.sns import MESSAGE_ID_MEMORY
 from policyd.store import counters
 from policyd.store import domains as domain_store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.timeutil import add_months, iso, utcnow
 
 log = logging.getLogger(__name__)
 
 
-async def reset(rt: Runtime, kind: str, now: datetime | None = None) -> dict[str, Any]:
+async def reset(rt: Runtime, kind: str, now: datetime | None = None,
+                audited_by: Scope | None = None) -> dict[str, Any]:
     """Close ended periods ('day' or 'month') as of now; never touches a running period.
+    Asked for by someone (the master's API call), it is audited in the same transaction.
 
     Idempotent: a doubled or missed timer run changes nothing the next run would not.
     """
@@ -26,15 +30,15 @@ async def reset(rt: Runtime, kind: str, now: datetime | None = None) -> dict[str
     now = utcnow() if now is None else now
     day, month = rt.periods.keys(now)
     oldest = add_months(month, -rt.config.outbound.history_months)
-    result = await rt.store.write(outbound.close_periods, kind, day, month, oldest, iso(now))
-    name = "daily" if kind == "day" else "monthly"
-    log.info("reset-%s (day %s, month %s): %s", name, day, month, result)
-    return {"kind": name, "day": day, "month": month, **result}
+    result = await rt.store.write(outbound.close_periods, kind, day, month, oldest, iso(now),
+                                  audited_by)
+    log.info("reset-%s (day %s, month %s): %s", result["kind"], day, month, result)
+    return result
 
 
 async def housekeeping(rt: Runtime) -> None:
     """Forget old SNS message ids and delivered notifications."""
-    before = iso(utcnow() - timedelta(days=14))
+    before = iso(utcnow() - MESSAGE_ID_MEMORY)  # the webhook refuses anything older
     pruned = await rt.store.write(counters.prune_seen, before)
     dropped = await rt.store.write(outbox.prune_delivered, before)
     if pruned or dropped:
@@ -65,7 +69,7 @@ def _purge_one(rt: Runtime, name: str, days: int, local_parts: list[str]) -> dic
 async def guillotine_sweep(rt: Runtime) -> list[str]:
     """Block every domain whose month's bounce rate has reached the limit."""
     day, month = rt.periods.keys(utcnow())
-    blocked = await rt.store.write(feedback.sweep, day, month, feedback.thresholds(rt))
+    blocked = await rt.store.write(feedback.sweep, day, month, feedback.Thresholds.of(rt.config.outbound))
     if blocked:
         log.warning("guillotine sweep blocked: %s", ", ".join(blocked))
         if rt.notifier is not None:

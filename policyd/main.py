@@ -14,8 +14,10 @@ import aiohttp
 from aiohttp import web
 
 from policyd.config import Config
-from policyd.notifications import Notifier
+from policyd.config import warnings as config_warnings
+from policyd.notifier import Notifier
 from policyd.policyserver import PolicyServer
+from policyd.replication import ReplicationMonitor
 from policyd.runtime import Runtime
 from policyd.scheduler import Scheduler
 from policyd.service import PolicyService
@@ -32,6 +34,11 @@ def master_token(config: Config) -> str:
         return config.auth.master_token
     path = config.db_path.resolve().parent / "master.token"
     if path.exists():
+        # A replica of the database (Litestream, `policyd backup`) does not carry this file:
+        # a node restored from it would mint a new token and every client would get 401.
+        log.warning("master token read from %s, which only this host has: set [auth] "
+                    "master_token or POLICYD_MASTER_TOKEN so that a restored database "
+                    "keeps it (see the README's failover runbook)", path)
         return path.read_text(encoding="utf-8").strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
@@ -72,8 +79,8 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
     """
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await rt.store.open()
-        rt.http = aiohttp.ClientSession()
-        rt.notifier = Notifier(rt.store, lambda: rt.http, rt.metrics)
+        http = rt.http = aiohttp.ClientSession()
+        rt.notifier = Notifier(rt.store, lambda: http, rt.metrics)
         server = None
         if policy:
             server = rt.policy_server = await start_policy(rt)
@@ -82,6 +89,7 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
             sched.start()
         sender = (asyncio.create_task(rt.notifier.run(rt.config.scheduler.notify_interval),
                                       name="notifier") if notifier else None)
+        watcher = start_replication_monitor(rt)
         try:
             yield
         finally:
@@ -89,15 +97,27 @@ def services(rt: Runtime, *, policy: bool = True, scheduler: bool = True,
                 await server.stop()
             if sched:
                 await sched.stop()
-            if sender is not None:
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+            for task in (sender, watcher):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await rt.tasks.drain(timeout=5)
-            await rt.sns.close()
-            await rt.http.close()
+            if rt.sns is not None:
+                await rt.sns.close()
+            if rt.http is not None:
+                await rt.http.close()
             await rt.store.close()
             log.info("stopped cleanly")
     return ctx
+
+
+def start_replication_monitor(rt: Runtime) -> asyncio.Task[None] | None:
+    """Watch Litestream's control socket when [replication] control_socket is set."""
+    if not rt.config.replication.control_socket:
+        return None
+    rt.replication = ReplicationMonitor(rt.config.replication, rt.config.db_path,
+                                        rt.metrics.registry)
+    return asyncio.create_task(rt.replication.run(), name="replication-monitor")
 
 
 async def start_policy(rt: Runtime) -> PolicyServer:
@@ -107,7 +127,7 @@ async def start_policy(rt: Runtime) -> PolicyServer:
     server = PolicyServer(service.handle, host=cfg.listen[0], port=cfg.listen[1],
                           idle_timeout=cfg.idle_timeout, max_connections=cfg.max_connections,
                           on_count=rt.metrics.connections.set,
-                          on_protocol_error=lambda r: rt.metrics.protocol_errors.labels(r).inc())
+                          on_protocol_error=rt.metrics.protocol_error)
     await server.start()
     return server
 
@@ -116,6 +136,8 @@ async def serve(config: Config) -> None:
     """Run everything until SIGTERM or SIGINT, then shut down gracefully."""
     from api.app import create_app  # the composition root is the one place core meets api
 
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     rt = build_runtime(config)
     app = create_app(rt, master_token(config), services(rt))
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -130,9 +152,8 @@ async def serve(config: Config) -> None:
     # Worker threads (boto3, the writer) hold the GIL for up to the switch interval before the
     # event loop gets it back, and a policy reply takes the GIL several times (after epoll,
     # around each SQLite call): 0.2 ms instead of the default 5 ms bounds what boto3 adds to
-    # the policy tail (bench/stress_bench.py, 5 domains created a second, two SES calls each:
-    # policy p99 1.35x quiet at 1 ms, 1.22x at 0.2 ms, medians of 4 runs), and costs nothing
-    # while the workers are idle.
+    # the policy tail, and costs nothing while the workers are idle (measured with
+    # bench/stress_bench.py; figures in bench/README.md).
     sys.setswitchinterval(SWITCH_INTERVAL)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ from typing import Any
 from policyd import feedback, policy
 from policyd.errors import Forbidden, Invalid, NotFound
 from policyd.store import counters
-from policyd.store.domains import Domain, get_domain, update_fields
+from policyd.store.domains import Domain, OutboundPatch, get_domain, patch_outbound
 from policyd.store.changes import audit
 from policyd.store.scope import Scope
 
@@ -26,11 +26,9 @@ Tiers = dict[str, tuple[int | None, int | None]]
 
 def render(domain: Domain, totals: counters.Totals) -> dict[str, Any]:
     """The outbound resource of a domain (effective tier/limits/enforcement)."""
-    tier, daily, monthly, enforcement = domain.effective
     sent = totals.sent_month
     return {
-        "tier": tier, "daily_limit": daily, "monthly_limit": monthly,
-        "enforcement": enforcement, "status": domain.out_status,
+        **current_values(domain),
         "sent_today": totals.sent_today, "sent_month": sent,
         "bytes_month": totals.bytes_month,
         "bounces": totals.bounces, "complaints": totals.complaints,
@@ -66,9 +64,10 @@ def _within(value: int | None, ceiling: int | None) -> bool:
 
 def current_values(domain: Domain) -> dict[str, Any]:
     """The settable fields as GET shows them (tier/limits/enforcement effective)."""
-    tier, daily, monthly, enforcement = domain.effective
-    return {"tier": tier, "daily_limit": daily, "monthly_limit": monthly,
-            "enforcement": enforcement, "status": domain.out_status}
+    sending = domain.effective
+    return {"tier": sending.tier, "daily_limit": sending.daily_limit,
+            "monthly_limit": sending.monthly_limit, "enforcement": sending.enforcement,
+            "status": domain.out_status}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -94,9 +93,10 @@ def check_permission(scope: Scope, domain: Domain, body: dict[str, Any], tiers: 
     for field in MASTER_FIELDS:
         if field in changed:
             raise Forbidden(f"only the master can change {field}")
-    tier, daily, monthly, _ = domain.effective
+    sending = domain.effective
+    tier = sending.tier
     # A tier no longer in the config: the client may only lower what the domain has now.
-    ceilings = tiers.get(tier, (daily, monthly))
+    ceilings = tiers.get(tier, (sending.daily_limit, sending.monthly_limit))
     for field, ceiling in zip(("daily_limit", "monthly_limit"), ceilings):
         value = changed.get(field)
         if field in changed and _is_count_or_none(value) and not _within(value, ceiling):
@@ -114,32 +114,32 @@ def _check_inherited(domain: Domain, changed: dict[str, Any]) -> None:
                       f"parent {domain.parent.name}; change the parent instead")
 
 
-def _tier_columns(tier: Any, domain: Domain, tiers: Tiers) -> dict[str, Any]:
+def _tier_values(tier: Any, domain: Domain, tiers: Tiers) -> dict[str, Any]:
     if isinstance(tier, str) and tier in tiers:
         daily, monthly = tiers[tier]
-        return {"out_tier": tier, "out_daily_limit": daily, "out_monthly_limit": monthly}
+        return {"tier": tier, "daily_limit": daily, "monthly_limit": monthly}
     if isinstance(tier, str) and tier == domain.tier:
         return {}  # unchanged tier that the config no longer lists: keep the stored limits
     raise Invalid(f"tier must be one of {', '.join(sorted(tiers))}")
 
 
-def columns_for(body: dict[str, Any], domain: Domain, tiers: Tiers) -> dict[str, Any]:
-    """Validate a PUT body and return the domain columns it sets."""
-    fields: dict[str, Any] = {}
+def patch_for(body: dict[str, Any], domain: Domain, tiers: Tiers) -> OutboundPatch:
+    """Validate a PUT body into the change it asks for."""
+    values: dict[str, Any] = {}
     if "tier" in body:  # the tier's limits first: limits in the same body then apply
-        fields.update(_tier_columns(body["tier"], domain, tiers))
+        values.update(_tier_values(body["tier"], domain, tiers))
     for field in ("daily_limit", "monthly_limit"):
         if field in body:
-            fields[f"out_{field}"] = _limit(body, field)
+            values[field] = _limit(body, field)
     if "enforcement" in body:
         if not isinstance(body["enforcement"], str) or body["enforcement"] not in ENFORCEMENTS:
             raise Invalid("enforcement must be hard, soft or off")
-        fields["out_enforcement"] = body["enforcement"]
+        values["enforcement"] = body["enforcement"]
     if "status" in body:
         if not isinstance(body["status"], str) or body["status"] not in STATUSES:
             raise Invalid("status must be active, blocked or suspended")
-        fields["out_status"] = body["status"]
-    return fields
+        values["status"] = body["status"]
+    return OutboundPatch(**values)
 
 
 def put_outbound(conn: sqlite3.Connection, scope: Scope, name: str, body: dict[str, Any],
@@ -153,8 +153,7 @@ def put_outbound(conn: sqlite3.Connection, scope: Scope, name: str, body: dict[s
         # A value sent back unchanged is no change: a client resending its tier must not
         # reset limits the master chose, and inherited fields stay the parent's.
         body = changed
-    fields = columns_for(body, domain, tiers)
-    return update_fields(conn, scope, name, fields, "outbound.update")[1]
+    return patch_outbound(conn, scope, name, patch_for(body, domain, tiers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +179,13 @@ def increment(conn: sqlite3.Connection, scope: Scope, name: str, count: int, nby
     if found is None:  # cannot happen inside this transaction; never an assert (python -O)
         raise NotFound(f"domain {name} not found")
     domain_id, facts, usage = found
-    refusal = policy.domain_refusal(facts)
-    reason = refusal or policy.over_limit(usage, count, nbytes, facts)
-    allowed = refusal is None and (reason is None or facts.enforcement != "hard")
+    reason = policy.domain_refusal(facts)
+    allowed = reason is None
+    if allowed:
+        allowed, reason = policy.quota_verdict(usage, count, nbytes, facts)
     if allowed:
         counters.add(conn, domain_id, day, month, count, nbytes)
-        usage = policy.Usage(usage.sent_today + count, usage.sent_month + count,
-                             usage.bytes_month + nbytes)
+        usage = usage.plus(count, nbytes)
         if limits is not None:
             feedback.guillotine(conn, domain.name, counters.totals(conn, domain_id, day, month),
                                 limits)
@@ -209,11 +208,18 @@ def reset_current(conn: sqlite3.Connection, scope: Scope, name: str, kind: str, 
 
 
 def close_periods(conn: sqlite3.Connection, kind: str, today: str, this_month: str,
-                  oldest_month: str, now: str) -> dict[str, Any]:
-    """Close ended days (daily) or freeze ended months into history (monthly). Idempotent."""
+                  oldest_month: str, now: str,
+                  audited_by: Scope | None = None) -> dict[str, Any]:
+    """Close ended days (daily) or freeze ended months into history (monthly), audited when
+    someone asked for it. Idempotent."""
+    name = "daily" if kind == "day" else "monthly"
+    result: dict[str, Any] = {"kind": name, "day": today, "month": this_month}
     if kind == "day":
-        return {"closed_days": counters.close_days(conn, today)}
-    frozen = counters.freeze_months(conn, this_month, now)
-    pruned = counters.prune_history(conn, oldest_month)
-    counters.close_days(conn, today)
-    return {"frozen_months": frozen, "pruned_history": pruned}
+        result["closed_days"] = counters.close_days(conn, today)
+    else:
+        result["frozen_months"] = counters.freeze_months(conn, this_month, now)
+        result["pruned_history"] = counters.prune_history(conn, oldest_month)
+        counters.close_days(conn, today)
+    if audited_by is not None:
+        audit(conn, audited_by, f"outbound.reset_{name}", None, None, result)
+    return result

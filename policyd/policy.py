@@ -1,9 +1,12 @@
-"""The policy decision (SPEC §6): pure functions of a request and the facts read for it.
+"""The policy decision (SPEC §6) and the domain rules it rests on: pure functions of a request
+and the facts read for it, no I/O.
 
-The caller gathers Facts, calls decide(), then persists Decision.count/bytes to
-Decision.count_domain. For a hard limit it must do that as one conditional increment that
-uses the same rule as over_limit() (allowed iff used + n <= limit, None = unlimited), and
-answer limit_decision(...) when the increment is refused, since counters may have moved.
+The caller (policyd.service) reads Facts inside the write transaction, calls decide(), and
+writes Decision.count/bytes to Decision.count_domain in that same transaction, so the facts a
+decision saw cannot change before its count is in. The rules here are the only definitions of
+what they decide, shared by the policy server, the REST increment and the API's views:
+inherited() (wildcard inheritance), ses_verified(), domain_refusal() (may a hosted domain send
+at all), over_limit() and quota_verdict() (the quota check and what enforcement makes of it).
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ _LIMIT_TEXT = {
 }
 
 
+COUNTER_MAX = 2**63 - 1  # SQLite's largest integer: counters stop there, never wrap or fail
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """The sender domain's counters for the running day and month."""
@@ -35,8 +41,36 @@ class Usage:
     sent_month: int = 0
     bytes_month: int = 0
 
+    def plus(self, count: int, nbytes: int) -> Usage:
+        """This usage with (count, nbytes) counted, as the store counts: held at COUNTER_MAX."""
+        return Usage(min(self.sent_today + count, COUNTER_MAX),
+                     min(self.sent_month + count, COUNTER_MAX),
+                     min(self.bytes_month + nbytes, COUNTER_MAX))
+
 
 NO_USAGE = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """A domain's outbound tier, daily and monthly limits (None = unlimited) and enforcement."""
+
+    tier: str
+    daily_limit: int | None
+    monthly_limit: int | None
+    enforcement: str  # hard | soft | off
+
+
+def inherited(own: Sending, parent: Sending | None) -> Sending:
+    """What a domain sends under: a subdomain linked to a wildcard parent uses the parent's
+    tier, limits and enforcement (SPEC §5); its counters and transfer limit stay its own."""
+    return own if parent is None else parent
+
+
+def ses_verified(status: str, parent_status: str | None) -> bool:
+    """Verified itself, or through its linked wildcard parent (its own status then reads
+    'inherited')."""
+    return status == "success" or parent_status == "success"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +87,11 @@ class DomainFacts:
     monthly_limit: int | None = None
     transfer_limit_bytes: int | None = None
     enforcement: str = "hard"  # hard | soft | off
+
+    @property
+    def ses_verified(self) -> bool:
+        """Verified itself or through its parent."""
+        return ses_verified(self.ses_status, self.parent_ses_status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +114,6 @@ class Decision:
     count: int = 0  # messages to count now
     bytes: int = 0  # bytes to count now
     count_domain: str | None = None  # set exactly when this state is the counting state
-    limited: bool = False  # a hard limit refused it
 
 
 NO_RULE = Decision("DUNNO", "no_rule")
@@ -130,7 +168,7 @@ def domain_refusal(d: DomainFacts) -> str | None:
     """Why a hosted domain may not send at all, in SPEC §6 order (a reason), or None."""
     if d.status != "active":
         return "suspended"
-    if not ses_verified(d):
+    if not d.ses_verified:
         return "ses_unverified"
     if d.out_status != "active":
         return "blocked" if d.out_status == "blocked" else "out_suspended"
@@ -155,7 +193,7 @@ def _refusal(d: DomainFacts, facts: Facts) -> Decision | None:
 
 def _quota(req: PolicyRequest, usage: Usage, d: DomainFacts, *, counting: bool) -> Decision:
     count, nbytes = message_units(req)
-    reason = over_limit(usage, count, nbytes, d)
+    _, reason = quota_verdict(usage, count, nbytes, d)
     if not counting:  # the same check, "would it fit if counted now", counting nothing
         if reason is None:
             return _ALLOWED_UNCOUNTED
@@ -203,21 +241,24 @@ def over_limit(usage: Usage, count: int, nbytes: int, d: DomainFacts) -> str | N
     return None
 
 
+def quota_verdict(usage: Usage, count: int, nbytes: int,
+                  d: DomainFacts) -> tuple[bool, str | None]:
+    """(may it be counted, the limit it exceeds or None): over a limit, only a hard
+    enforcement refuses; soft and off count it anyway (SPEC §6)."""
+    reason = over_limit(usage, count, nbytes, d)
+    return reason is None or d.enforcement != "hard", reason
+
+
 def limit_decision(reason: str, d: DomainFacts, count: int, nbytes: int) -> Decision:
     """The reply for an exceeded limit under d.enforcement; count 0 means not counting now."""
     text = _LIMIT_TEXT.get(reason, "Sending limit")
     if d.enforcement == "hard":  # refused: counters unchanged, the client retries later
         return Decision(f"DEFER 4.7.1 {text} reached for {d.name}, try again later",
-                        reason, limited=True)
+                        reason)
     counted_to = d.name if count or nbytes else None
     if d.enforcement == "soft":  # mail passes, counted, the breach is logged by Postfix
         return Decision(f"WARN {text} exceeded for {d.name}", reason, count, nbytes, counted_to)
     return Decision("DUNNO", reason, count, nbytes, counted_to)  # off: never limited
-
-
-def ses_verified(d: DomainFacts) -> bool:
-    """Verified itself, or through its wildcard parent (own status then 'inherited')."""
-    return d.ses_status == "success" or d.parent_ses_status == "success"
 
 
 def is_outbound(req: PolicyRequest, trusted: tuple[Network, ...]) -> bool:

@@ -17,53 +17,59 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from policyd.protocol import MAX_ATTRS, MAX_LINE, MAX_REQUEST, ProtocolError, parse_line
+from policyd.protocol import MAX_REQUEST, ProtocolError, parse_request
 
 log = logging.getLogger(__name__)
 Respond = Callable[[bytes], None]
 Handler = Callable[[dict[str, str], str, Respond], None]
 
 
-def parse_request(data: bytes) -> dict[str, str]:
-    """Parse one complete request (ending with an empty line) into its attributes.
+class _PeerLog:
+    """Logs a repeated event of one peer address once a window (a minute) with a count, so a
+    client sending garbage in a loop cannot flood the log; bounded in memory."""
 
-    The same rules as protocol.parse_line, line by line, but the request is decoded once: a
-    UTF-8 sequence cannot span a newline, so this accepts and refuses exactly what it does.
-    """
-    if len(data) > MAX_LINE:  # some line may be too long: let parse_line say which
-        return _parse_slowly(data)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("not UTF-8") from None
-    lines = text.split("\n")
-    if len(lines) > MAX_ATTRS + 2:
-        raise ProtocolError(f"more than {MAX_ATTRS} attributes")
-    if "\r" in text:  # CRLF line ends (Postfix sends LF only)
-        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    attrs: dict[str, str] = {}
-    for line in lines:
-        if line:
-            # Split on the FIRST '=' only: values (ccert_subject, sender...) may contain '='.
-            name, sep, value = line.partition("=")
-            if not sep or not name:
-                raise ProtocolError("no '='" if not sep else "empty attribute name")
-            attrs[name] = value
-    return attrs
+    WINDOW = 60.0  # seconds
+    MAX_PEERS = 10_000
 
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        # (address, event) -> [window start, events not logged, last detail], oldest first
+        self._seen: dict[tuple[str, str], list[Any]] = {}
 
-def _parse_slowly(data: bytes) -> dict[str, str]:
-    attrs: dict[str, str] = {}
-    lines = data.split(b"\n")
-    if len(lines) > MAX_ATTRS + 2:
-        raise ProtocolError(f"more than {MAX_ATTRS} attributes")
-    for line in lines:
-        item = parse_line(line + b"\n")  # with its newline, so a CR before it goes too
-        if item is not None:
-            attrs[item[0]] = item[1]
-    return attrs
+    def note(self, address: str, event: str, detail: str) -> bool:
+        """Record one event; True when it should be logged now (the first of its window)."""
+        now, key = self._clock(), (address, event)
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.WINDOW:
+            entry[1] += 1
+            entry[2] = detail
+            return False
+        if entry is not None:
+            self._report(key, entry)
+            del self._seen[key]  # re-inserted last: the dict stays in window order
+        elif len(self._seen) >= self.MAX_PEERS:
+            oldest = next(iter(self._seen))
+            self._report(oldest, self._seen.pop(oldest))
+        self._seen[key] = [now, 0, detail]
+        return True
+
+    def flush(self) -> None:
+        """Report and forget the windows that have ended."""
+        cutoff = self._clock() - self.WINDOW
+        while self._seen:
+            key, entry = next(iter(self._seen.items()))
+            if entry[0] > cutoff:
+                break
+            self._report(key, entry)
+            del self._seen[key]
+
+    @staticmethod
+    def _report(key: tuple[str, str], entry: list[Any]) -> None:
+        if entry[1]:
+            log.warning("policy: %d more %s from %s in the last minute (last: %s)", entry[1],
+                        key[1], key[0], entry[2])
 
 
 class _Conn(asyncio.Protocol):
@@ -79,7 +85,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, server: PolicyServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        self.peer = self.address = "?"
         self.last = time.monotonic()
         self.busy = False  # a request is waiting for its reply
         self._buffer = b""
@@ -93,7 +99,7 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.peer = _peer(transport)
+        self.address, self.peer = _peer(transport)
         if not self.server.opened(self):
             self._refused = True
             transport.close()
@@ -224,13 +230,15 @@ class PolicyServer:
 
     def __init__(self, handler: Handler, *, host: str, port: int, idle_timeout: float,
                  max_connections: int, on_count: Callable[[int], None] | None = None,
-                 on_protocol_error: Callable[[str], None] | None = None) -> None:
+                 on_protocol_error: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._handler = handler
         self._host, self._port = host, port
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
         self._on_count = on_count or (lambda n: None)
         self._on_protocol_error = on_protocol_error or (lambda reason: None)
+        self._peer_log = _PeerLog(clock)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
         self._all_closed = asyncio.Event()
@@ -280,8 +288,9 @@ class PolicyServer:
     def opened(self, conn: _Conn) -> bool:
         """Register a new connection; False (refused) past max_connections."""
         if len(self._conns) >= self._max_connections:
-            log.warning("policy connection from %s refused: max_connections (%d) reached",
-                        conn.peer, self._max_connections)
+            if self._peer_log.note(conn.address, "connections refused", "max_connections"):
+                log.warning("policy connection from %s refused: max_connections (%d) reached",
+                            conn.peer, self._max_connections)
             self._on_protocol_error("max_connections")
             return False
         self._conns.add(conn)
@@ -317,15 +326,18 @@ class PolicyServer:
         return True
 
     def bad(self, conn: _Conn, reason: str) -> None:
-        """A malformed request: logged and counted (the connection closes it)."""
-        log.warning("policy connection from %s closed: malformed request (%s)", conn.peer,
-                    reason)
-        self._on_protocol_error(reason.split(" ")[0] if reason else "malformed")
+        """A malformed request: counted, and logged once a minute per address with a count
+        (the connection closes it)."""
+        if self._peer_log.note(conn.address, "malformed requests", reason):
+            log.warning("policy connection from %s closed: malformed request (%s)", conn.peer,
+                        reason)
+        self._on_protocol_error(reason or "malformed")
 
     async def _sweep(self) -> None:
         interval = min(5.0, max(0.05, self._idle_timeout / 4))
         while True:
             await asyncio.sleep(interval)
+            self._peer_log.flush()
             cutoff = time.monotonic() - self._idle_timeout
             for conn in list(self._conns):
                 if not conn.busy and conn.last < cutoff:
@@ -334,8 +346,9 @@ class PolicyServer:
                     conn._close()
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
+def _peer(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """(address, address:port) of the client."""
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+        return str(peer[0]), f"{peer[0]}:{peer[1]}"
+    return str(peer), str(peer)

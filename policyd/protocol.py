@@ -16,6 +16,8 @@ MAX_LINE = 65536  # bytes in one line, terminator excluded
 MAX_ATTRS = 256  # attribute lines in one request (Postfix sends about 30)
 MAX_REQUEST = 256 * 1024  # bytes in one request, terminators included
 POLICY_REQUEST = "smtpd_access_policy"  # the only `request` value Postfix sends
+MAX_SIZE = 2**40  # bytes in one message (SPEC §8): Postfix's message_size_limit is far below
+MAX_RECIPIENTS = 10**6  # recipient_count of one message (SPEC §8)
 
 _DUNNO_REPLY = b"action=DUNNO\n\n"
 
@@ -48,42 +50,59 @@ def parse_line(line: bytes) -> tuple[str, str] | None:
     return name, value
 
 
-class RequestBuilder:
-    """Accumulates the lines of one request on a connection, enforcing the size caps."""
+def parse_request(data: bytes) -> dict[str, str]:
+    """Parse one complete request (ending with an empty line) into its attributes.
 
-    __slots__ = ("_attrs", "_lines", "_size")
+    The same rules as parse_line, line by line, but the request is decoded once: a UTF-8
+    sequence cannot span a newline, so this accepts and refuses exactly what it does. Then
+    the numbers Postfix sends are held to their bounds.
+    """
+    if len(data) > MAX_LINE:  # some line may be too long: let parse_line say which
+        return _parse_slowly(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("not UTF-8") from None
+    lines = text.split("\n")
+    if len(lines) > MAX_ATTRS + 2:
+        raise ProtocolError(f"more than {MAX_ATTRS} attributes")
+    if "\r" in text:  # CRLF line ends (Postfix sends LF only)
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    attrs: dict[str, str] = {}
+    for line in lines:
+        if line:
+            # Split on the FIRST '=' only: values (ccert_subject, sender...) may contain '='.
+            name, sep, value = line.partition("=")
+            if not sep or not name:
+                raise ProtocolError("no '='" if not sep else "empty attribute name")
+            attrs[name] = value
+    _check_numbers(attrs)
+    return attrs
 
-    def __init__(self) -> None:
-        self._attrs: dict[str, str] = {}
-        self._lines = 0
-        self._size = 0
 
-    @property
-    def pending(self) -> bool:
-        """True while a request has started but not yet ended."""
-        return self._size > 0
+def _parse_slowly(data: bytes) -> dict[str, str]:
+    attrs: dict[str, str] = {}
+    lines = data.split(b"\n")
+    if len(lines) > MAX_ATTRS + 2:
+        raise ProtocolError(f"more than {MAX_ATTRS} attributes")
+    for line in lines:
+        item = parse_line(line + b"\n")  # with its newline, so a CR before it goes too
+        if item is not None:
+            attrs[item[0]] = item[1]
+    _check_numbers(attrs)
+    return attrs
 
-    def add(self, line: bytes) -> dict[str, str] | None:
-        """Add one raw line; return the finished attributes on the empty line, else None."""
-        self._size += len(line)
-        if self._size > MAX_REQUEST:
-            raise ProtocolError(f"request over {MAX_REQUEST} bytes")
-        item = parse_line(line)
-        if item is None:
-            attrs = self._attrs
-            self.reset()
-            return attrs  # {} for a stray empty line: answered as a request with no rule
-        self._lines += 1
-        if self._lines > MAX_ATTRS:
-            raise ProtocolError(f"more than {MAX_ATTRS} attributes")
-        self._attrs[item[0]] = item[1]  # a repeated attribute: the last one wins
-        return None
 
-    def reset(self) -> None:
-        """Forget any partial request."""
-        self._attrs = {}
-        self._lines = 0
-        self._size = 0
+def _check_numbers(attrs: dict[str, str]) -> None:
+    """Refuse a request whose size or recipient_count is past its bound (SPEC §8): no real
+    message is that big, and size x recipients must stay far inside a 64-bit counter."""
+    for name, bound in (("size", MAX_SIZE), ("recipient_count", MAX_RECIPIENTS)):
+        value = attrs.get(name)
+        # parse_count's rule: only ASCII digits are a number (anything else counts as 0)
+        if value and value.isdigit() and value.isascii():
+            digits = value.lstrip("0")  # (int() refuses over 4,300 digits: look first)
+            if len(digits) > 13 or int(digits or "0") > bound:
+                raise ProtocolError(f"{name} over {bound}")
 
 
 def format_reply(action: str) -> bytes:
@@ -154,11 +173,14 @@ def normalize_address(value: str) -> str:
 def domain_of(address: str) -> str:
     """The normalised domain after the last '@' of an address, or '' without one."""
     at = address.rfind("@")
-    return normalize_domain(address[at + 1:]) if at >= 0 else ""
+    return fold_domain(address[at + 1:]) if at >= 0 else ""
 
 
-def normalize_domain(name: str) -> str:
-    """Lowercase, drop trailing dots, IDNA to A-labels; left as is when IDNA fails."""
+def fold_domain(name: str) -> str:
+    """A domain as a request names it, folded as hosted names are stored (lowercase, no
+    trailing dots, IDNA A-labels); never refused: one IDNA fails on is left as is, and then
+    matches no hosted domain. (policyd.names.normalize_domain is the strict twin that
+    validates what the API stores.)"""
     name = name.strip().rstrip(".").lower()
     return name if name.isascii() else _to_a_label(name)
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Coroutine
+from typing import TYPE_CHECKING, Any, Coroutine
 
 from policyd.config import Config
 from policyd.metrics import Metrics
 from policyd.store import Store
 from policyd.timeutil import Periods
+
+if TYPE_CHECKING:  # built by policyd.main, which imports them all; no import cycle at run time
+    import aiohttp
+
+    from policyd.notifier import Notifier
+    from policyd.policyserver import PolicyServer
+    from policyd.replication import ReplicationMonitor
+    from policyd.ses import SesClient
+    from policyd.sns import SnsVerifier
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +59,12 @@ class Runtime:
     store: Store
     metrics: Metrics = field(default_factory=Metrics)
     tasks: TaskGroup = field(default_factory=TaskGroup)
-    ses: Any = None        # policyd.ses.SesClient
-    sns: Any = None        # policyd.sns.SnsVerifier
-    notifier: Any = None   # policyd.notifications.Notifier
-    http: Any = None       # aiohttp.ClientSession for outgoing calls
-    policy_server: Any = None  # policyd.policyserver.PolicyServer, once started
+    ses: SesClient | None = None  # None: SES is not configured
+    sns: SnsVerifier | None = None
+    notifier: Notifier | None = None  # None in one-shot commands
+    http: aiohttp.ClientSession | None = None  # outgoing calls (partner webhooks)
+    policy_server: PolicyServer | None = None  # once started
+    replication: ReplicationMonitor | None = None  # when [replication] is set
 
     def __post_init__(self) -> None:
         self.periods = Periods(self.config.outbound.timezone)

@@ -33,6 +33,7 @@ class Scheduler:
             ("housekeeping", cfg.scheduler.purge_interval, lambda: jobs.housekeeping(rt)),
             ("guillotine-sweep", cfg.scheduler.sweep_interval, lambda: jobs.guillotine_sweep(rt)),
         ]
+        rt.metrics.jobs_scheduled(name for name, _, _ in plan)
         for name, interval, job in plan:
             self._tasks.append(asyncio.create_task(self._every(name, interval, job), name=name))
 
@@ -45,7 +46,10 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._rt.metrics.job_failed(name)
                 log.error("scheduled job %s failed (retried in %.0f s): %r", name, interval, exc)
+            else:
+                self._rt.metrics.job_succeeded(name)
             await asyncio.sleep(interval)
 
     async def stop(self) -> None:

@@ -27,7 +27,7 @@ from policyd.config import PolicyConfig
 from policyd.metrics import Metrics
 from policyd.policy import Decision, Facts
 from policyd.protocol import PolicyRequest, format_reply, to_request
-from policyd.store import Store
+from policyd.store import Store, StoreError
 from policyd.store import counters
 from policyd.timeutil import Periods, utcnow
 
@@ -87,7 +87,7 @@ class PolicyBatch:
         self.reads = 0  # fact queries run (for tests and benchmarks)
 
     def __call__(self, conn: sqlite3.Connection, jobs: list[PolicyJob],
-                 continued: bool = False) -> list[Decision]:
+                 continued: bool = False) -> list[Decision | Exception]:
         options = jobs[0].options
         period = options.periods.keys(options.now())
         known = self._known
@@ -102,20 +102,41 @@ class PolicyBatch:
             for name in missing:
                 known[name] = found.get(name)
         ledger = _Ledger(known, *period)
-        decisions = [_decide_job(job, ledger) for job in jobs]
-        counters.add_many(conn, ledger.rows())
+        results: list[Decision | Exception] = [ledger.decide(i, job)
+                                               for i, job in enumerate(jobs)]
+        try:
+            counters.add_many(conn, ledger.rows())
+        except sqlite3.Error as exc:
+            if not conn.in_transaction:  # the whole transaction is gone: the store says so
+                raise
+            # SQLite undid the one statement: write domain by domain, so that one domain's
+            # failure fails only the requests that counted to it (SPEC §8)
+            log.error("policy counter upsert failed (%s); writing domain by domain", exc)
+            for i in ledger.write_each(conn):
+                results[i] = StoreError(f"counting failed: {exc}")
         ledger.settle()  # the upsert is in: the kept usage includes it (dropped if no commit)
-        return decisions
+        return results
 
 
 class _Ledger:
     """The facts of a batch's domains, plus what the batch has counted to them so far."""
 
-    __slots__ = ("_found", "_added", "_day", "_month")
+    __slots__ = ("_found", "_added", "_day", "_month", "_counted")
 
     def __init__(self, found: dict[str, counters.Found | None], day: str, month: str) -> None:
         self._found, self._day, self._month = found, day, month
         self._added: dict[str, list[int]] = {}  # domain name -> [messages, bytes]
+        # (job index, domain, messages, bytes) of every count, to undo one job's alone
+        self._counted: list[tuple[int, str, int, int]] = []
+
+    def decide(self, index: int, job: PolicyJob) -> Decision | Exception:
+        """Decide one job, counting to the ledger; a failure fails this job alone."""
+        try:
+            return _decide_job(job, index, self)
+        except Exception as exc:  # a bug: logged, and the job gets the on_error reply
+            log.exception("policy decision failed")
+            self._undo(lambda i, name: i == index)
+            return exc
 
     def get(self, name: str) -> counters.Found | None:
         """(id, facts, usage including this batch's counts) of a hosted domain, or None."""
@@ -125,16 +146,14 @@ class _Ledger:
         added = self._added.get(name)
         if added is None:
             return found
-        usage = found[2]
-        return found[0], found[1], policy.Usage(usage.sent_today + added[0],
-                                                usage.sent_month + added[0],
-                                                usage.bytes_month + added[1])
+        return found[0], found[1], found[2].plus(added[0], added[1])
 
-    def add(self, name: str, sent: int, nbytes: int) -> None:
-        """Count to a hosted domain (written when the batch ends)."""
+    def add(self, index: int, name: str, sent: int, nbytes: int) -> None:
+        """Count job index's message to a hosted domain (written when the batch ends)."""
         added = self._added.setdefault(name, [0, 0])
         added[0] += sent
         added[1] += nbytes
+        self._counted.append((index, name, sent, nbytes))
 
     def rows(self) -> list[tuple[int, str, str, int, int]]:
         """(domain id, day, month, messages, bytes) to add."""
@@ -142,20 +161,52 @@ class _Ledger:
         return [(found[name][0], self._day, self._month, sent, nbytes)  # type: ignore[index]
                 for name, (sent, nbytes) in self._added.items() if sent or nbytes]
 
+    def write_each(self, conn: sqlite3.Connection) -> set[int]:
+        """Add each domain's row on its own; return the jobs that counted to a failed one."""
+        failed: set[str] = set()
+        for row in self.rows():
+            try:
+                counters.add_many(conn, [row])
+            except sqlite3.Error:
+                if not conn.in_transaction:
+                    raise
+                failed.add(self._name_of(row[0]))
+        jobs = {i for i, name, _, _ in self._counted if name in failed}
+        self._undo(lambda i, name: name in failed)
+        return jobs
+
     def settle(self) -> None:
         """Fold this batch's counts into the facts it was given (once they are written)."""
         found = self._found
         for name in self._added:
             found[name] = self.get(name)
         self._added = {}
+        self._counted = []
+
+    def _undo(self, match: Callable[[int, str], bool]) -> None:
+        """Take back the counts that match(job index, domain)."""
+        kept = []
+        for entry in self._counted:
+            index, name, sent, nbytes = entry
+            if match(index, name):
+                added = self._added[name]
+                added[0] -= sent
+                added[1] -= nbytes
+            else:
+                kept.append(entry)
+        self._counted = kept
+
+    def _name_of(self, domain_id: int) -> str:
+        return next(name for name, found in self._found.items()
+                    if found is not None and found[0] == domain_id)
 
 
-def _decide_job(job: PolicyJob, ledger: _Ledger) -> Decision:
+def _decide_job(job: PolicyJob, index: int, ledger: _Ledger) -> Decision:
     if job.outbound:
-        return _outbound(job, ledger)
+        return _outbound(job, index, ledger)
     if job.recipients and not job.req.recipient_domain:
-        return _inbound_many(job, ledger)
-    return _inbound(job, ledger)
+        return _inbound_many(job, index, ledger)
+    return _inbound(job, index, ledger)
 
 
 def _decide(req: PolicyRequest, facts: Facts, options: JobOptions, outbound: bool) -> Decision:
@@ -166,7 +217,7 @@ def _decide(req: PolicyRequest, facts: Facts, options: JobOptions, outbound: boo
 _NOT_HOSTED = Facts()
 
 
-def _outbound(job: PolicyJob, ledger: _Ledger) -> Decision:
+def _outbound(job: PolicyJob, index: int, ledger: _Ledger) -> Decision:
     req = job.req
     found = ledger.get(req.sender_domain) if req.sender else None
     if found is None:
@@ -177,7 +228,7 @@ def _outbound(job: PolicyJob, ledger: _Ledger) -> Decision:
                   counters=usage)
     decision = _decide(req, facts, job.options, True)
     if decision.count_domain is not None:
-        ledger.add(req.sender_domain, decision.count, decision.bytes)
+        ledger.add(index, req.sender_domain, decision.count, decision.bytes)
     return decision
 
 
@@ -192,17 +243,17 @@ def _login_partner(req: PolicyRequest, sender: policy.DomainFacts,
     return (False, None) if login is None else (True, login[1].partner_id)
 
 
-def _inbound(job: PolicyJob, ledger: _Ledger) -> Decision:
+def _inbound(job: PolicyJob, index: int, ledger: _Ledger) -> Decision:
     name = job.req.recipient_domain
     found = ledger.get(name) if name else None
     decision = _decide(job.req, Facts(recipient=found[1] if found else None), job.options,
                        False)
     if found is not None and decision.count_domain is not None and decision.bytes > 0:
-        ledger.add(name, 0, decision.bytes)
+        ledger.add(index, name, 0, decision.bytes)
     return decision
 
 
-def _inbound_many(job: PolicyJob, ledger: _Ledger) -> Decision:
+def _inbound_many(job: PolicyJob, index: int, ledger: _Ledger) -> Decision:
     """DATA/END-OF-MESSAGE with several recipients: Postfix leaves `recipient` empty, so the
     recipients accepted at RCPT for this instance are used, each domain getting size x its
     recipients."""
@@ -216,7 +267,7 @@ def _inbound_many(job: PolicyJob, ledger: _Ledger) -> Decision:
         decision = _decide(req, Facts(recipient=found[1] if found else None), job.options,
                            False)
         if found is not None and decision.count_domain is not None and req.size:
-            ledger.add(domain, 0, req.size * n)
+            ledger.add(index, domain, 0, req.size * n)
         if first is None or decision.reason == "inbound_suspended":
             first = decision
     return first or policy.NO_RULE

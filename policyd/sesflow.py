@@ -5,10 +5,12 @@ import logging
 import sqlite3
 
 from policyd.runtime import Runtime
-from policyd.ses import SesError, SesIdentity, SesStatus, SesUnavailable
+from policyd.ses import SesClient, SesError, SesIdentity, SesStatus, SesUnavailable
 from policyd.store import domains as domain_store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
+from policyd.store.changes import audit
 from policyd.store.domains import Domain
+from policyd.store.scope import Scope
 
 log = logging.getLogger(__name__)
 POLL_BATCH = 1000  # domains per poller round; the least recently checked go first
@@ -38,11 +40,17 @@ def _store_statuses(conn: sqlite3.Connection,
     return {name: domain for name, domain in stored.items() if domain is not None}
 
 
-def _store_started(conn: sqlite3.Connection, name: str, identity: SesIdentity) -> Domain | None:
-    """Store the tokens of a started verification; a verified domain stays verified."""
+def _store_started(conn: sqlite3.Connection, name: str, identity: SesIdentity,
+                   audited_by: Scope | None) -> Domain | None:
+    """Store the tokens of a started verification (and its audit entry, when someone asked
+    for it); a verified domain stays verified."""
     domain = domain_store.find_domain(conn, name)
     if domain is None:
         return None
+    if audited_by is not None:
+        after = "success" if domain.ses_status == "success" else "pending"
+        audit(conn, audited_by, "domain.ses_verify", name, {"ses_status": domain.ses_status},
+              {"ses_status": after})
     # Re-verifying a verified identity keeps it verified at SES; marking it pending here would
     # REJECT its outbound mail until the next poll.
     verified = domain.ses_status == "success"
@@ -53,17 +61,25 @@ def _store_started(conn: sqlite3.Connection, name: str, identity: SesIdentity) -
     return _store_status(conn, name, status)
 
 
-async def _start(rt: Runtime, name: str) -> None:
+def _ses(rt: Runtime) -> SesClient:
+    """The SES client; SesUnavailable when SES is not configured."""
+    if rt.ses is None:
+        raise SesUnavailable("SES is not configured")
+    return rt.ses
+
+
+async def _start(rt: Runtime, name: str, audited_by: Scope | None = None) -> None:
     """Ask SES to verify a domain (identity + DKIM) and store the tokens; raises SesError."""
-    identity = await rt.ses.verify_domain(name)
-    await rt.store.write(_store_started, name, identity)
+    identity = await _ses(rt).verify_domain(name)
+    await rt.store.write(_store_started, name, identity, audited_by)
     log.info("SES verification of %s started", name)
 
 
-async def start_verification(rt: Runtime, name: str) -> bool:
-    """Start SES verification of a domain; False (logged) when SES failed: the poller retries."""
+async def start_verification(rt: Runtime, name: str, audited_by: Scope | None = None) -> bool:
+    """Start SES verification of a domain, audited as asked by audited_by (if given); False
+    (logged) when SES failed: the poller retries."""
     try:
-        await _start(rt, name)
+        await _start(rt, name, audited_by)
     except SesError as exc:
         log.warning("SES verification of %s could not start (the poller retries): %s",
                     name, exc)
@@ -79,7 +95,7 @@ def _wake_notifier(rt: Runtime) -> None:
 
 async def refresh(rt: Runtime, names: list[str]) -> dict[str, Domain]:
     """Read SES status for names (batched by the client), store changes, return the domains."""
-    statuses = await rt.ses.statuses(names)
+    statuses = await _ses(rt).statuses(names)
     # An identity SES does not know keeps what we have: the poller starts it.
     known = {name: s for name, s in statuses.items() if s.status != "not_started"}
     stored = await rt.store.write(_store_statuses, known) if known else {}
@@ -104,16 +120,16 @@ async def _start_unknown(rt: Runtime, names: list[str]) -> int:
 
 
 async def poll(rt: Runtime) -> dict[str, int]:
-    """One poller round over every domain whose verification is not finished."""
+    """One poller round over every domain whose verification is not finished.
+
+    Raises SesError when SES could not be asked (unreachable, no or bad credentials): the
+    round failed, and `policyd ses-poll` exits non-zero (the scheduler logs it and retries).
+    """
     names = await rt.store.read(domain_store.pending_ses, POLL_BATCH)
     log.info("SES poll: %d domains pending", len(names))
     if not names:
         return {"checked": 0, "started": 0, "verified": 0}
-    try:
-        statuses = await rt.ses.statuses(names)
-    except SesError as exc:
-        log.warning("SES poll failed (next round retries): %s", exc)
-        return {"checked": 0, "started": 0, "verified": 0}
+    statuses = await _ses(rt).statuses(names)
     unknown = [name for name, status in statuses.items() if status.status == "not_started"]
     known = {name: s for name, s in statuses.items() if s.status != "not_started"}
     stored = await rt.store.write(_store_statuses, known) if known else {}

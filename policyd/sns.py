@@ -1,8 +1,8 @@
 """Amazon SNS HTTP(S) notification verification and SES bounce/complaint parsing.
 
-Pure of storage: nothing here touches the database. The webhook handler parses the body with
-`parse_envelope`, calls `SnsVerifier.verify`, then either `confirm_subscription` or
-`mail_events`. AWS reference:
+Pure of storage: nothing here touches the database. The webhook handler (api/webhooks.py)
+parses the body with `parse_envelope`, calls `SnsVerifier.verify`, then either
+`confirm_subscription` or policyd.feedback's `mail_events`. AWS reference:
 https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html
 """
 
@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from yarl import URL
+
+from policyd.timeutil import parse_iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ _SIGNATURE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 HTTP_TIMEOUT = 5.0
+# How long MessageIds are remembered (counted once); older messages are refused (SPEC §8).
+MESSAGE_ID_MEMORY = timedelta(days=14)
+MAX_CLOCK_SKEW = timedelta(minutes=5)  # how far in the future a Timestamp may be
 CERT_MAX_BYTES = 64 * 1024
 CERT_CACHE_MAX = 32
 _HOST_RE = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
@@ -78,7 +83,7 @@ def parse_envelope(body: bytes) -> dict[str, Any]:
     msg_type = msg.get("Type")
     if not isinstance(msg_type, str) or msg_type not in _SIGNED_FIELDS:
         raise SnsError("bad_envelope", "unknown Type")
-    required = _ENVELOPE_KEYS
+    required: tuple[str, ...] = _ENVELOPE_KEYS
     if msg_type != NOTIFICATION:
         required += _SUBSCRIPTION_KEYS
     _require_strings(msg, required, "bad_envelope")
@@ -147,6 +152,29 @@ def _rsa_public_key(pem: bytes) -> rsa.RSAPublicKey:
     return key
 
 
+def allowed_url(raw: object, pattern_labels: list[str], schemes: tuple[str, ...]) -> URL:
+    """raw parsed once (the same object is fetched), if its scheme and host are allowed (the
+    rule for the SigningCertURL and the SubscribeURL); else SnsError."""
+    if not isinstance(raw, str):
+        raise SnsError("cert_host", "URL is not a string")
+    try:
+        url = URL(raw)
+    except (ValueError, TypeError) as exc:
+        raise SnsError("cert_host", "unparsable URL") from exc
+    if url.scheme not in schemes:
+        raise SnsError("cert_scheme", f"scheme {url.scheme!r} not allowed")
+    if url.user is not None or url.password is not None:
+        raise SnsError("cert_host", "userinfo not allowed in URL")
+    host = (url.raw_host or "").lower()
+    if not _HOST_RE.fullmatch(host):
+        raise SnsError("cert_host", f"bad host {host!r}")
+    # An explicit port must be matched by the pattern too ("127.0.0.1:*" in tests).
+    target = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
+    if not _host_matches(target, pattern_labels):
+        raise SnsError("cert_host", f"host {target!r} does not match the pattern")
+    return url
+
+
 def _host_matches(host: str, pattern_labels: list[str]) -> bool:
     """Glob-match label by label, so '*' never spans a dot (blocks sns.evil.s3.amazonaws.com)."""
     labels = host.split(".")
@@ -187,10 +215,13 @@ class SnsVerifier:
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
         cert_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._pattern_labels = cert_host_pattern.lower().split(".")
         self._schemes = ("https", "http") if insecure_http_certs else ("https",)
         self._allowed_topics = frozenset(allowed_topic_arns)
+        self._any_topic = "*" in self._allowed_topics
+        self._wall_clock = wall_clock
         self._session_factory = session_factory or _default_session
         self._session: aiohttp.ClientSession | None = None
         self._cert_ttl = cert_ttl
@@ -199,8 +230,9 @@ class SnsVerifier:
         self._inflight: dict[str, asyncio.Task[rsa.RSAPublicKey]] = {}
 
     async def verify(self, msg: dict[str, Any]) -> None:
-        """Raise SnsError unless msg is for an allowed topic and correctly signed."""
+        """Raise SnsError unless msg is for an allowed topic, fresh and correctly signed."""
         self._check_topic(msg.get("TopicArn"))
+        self._check_timestamp(msg.get("Timestamp"))
         algorithm = _signature_hash(msg.get("SignatureVersion"))
         signature = _decode_signature(msg.get("Signature"))
         cert_url = msg.get("SigningCertURL")
@@ -212,10 +244,6 @@ class SnsVerifier:
             public_key.verify(signature, data, padding.PKCS1v15(), algorithm)
         except InvalidSignature:
             raise SnsError("bad_signature", "signature does not match") from None
-
-    def check_url_host(self, url: str) -> None:
-        """Raise SnsError unless url's scheme and host are allowed (cert and SubscribeURL rule)."""
-        self._checked_url(url)
 
     async def confirm_subscription(self, msg: dict[str, Any]) -> None:
         """Confirm a verified SubscriptionConfirmation by GETting its SubscribeURL."""
@@ -247,30 +275,28 @@ class SnsVerifier:
             self._session = None
 
     def _check_topic(self, topic_arn: object) -> None:
-        """Raise SnsError unless the topic is allowed (an empty allow-list allows any)."""
-        if self._allowed_topics and topic_arn not in self._allowed_topics:
+        """Raise SnsError unless the topic is allowed: listed, or the list holds '*' (an
+        empty list allows none: a forgotten setting must not open the webhook to anyone)."""
+        if not self._any_topic and topic_arn not in self._allowed_topics:
             raise SnsError("topic_not_allowed", f"topic {topic_arn!r} not allowed")
 
-    def _checked_url(self, raw: object) -> URL:
-        """Parse raw once (the same object is fetched) and apply the scheme and host rules."""
-        if not isinstance(raw, str):
-            raise SnsError("cert_host", "URL is not a string")
+    def _check_timestamp(self, value: object) -> None:
+        """Raise SnsError unless Timestamp is at most MAX_CLOCK_SKEW ahead and younger than
+        the MessageId memory: an older message could be counted again once its id is
+        forgotten (a replay), and one from the future is not SNS's."""
         try:
-            url = URL(raw)
-        except (ValueError, TypeError) as exc:
-            raise SnsError("cert_host", "unparsable URL") from exc
-        if url.scheme not in self._schemes:
-            raise SnsError("cert_scheme", f"scheme {url.scheme!r} not allowed")
-        if url.user is not None or url.password is not None:
-            raise SnsError("cert_host", "userinfo not allowed in URL")
-        host = (url.raw_host or "").lower()
-        if not _HOST_RE.fullmatch(host):
-            raise SnsError("cert_host", f"bad host {host!r}")
-        # An explicit port must be matched by the pattern too ("127.0.0.1:*" in tests).
-        target = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
-        if not _host_matches(target, self._pattern_labels):
-            raise SnsError("cert_host", f"host {target!r} does not match the pattern")
-        return url
+            moment = parse_iso(value)  # type: ignore[arg-type]
+        except (ValueError, OverflowError):
+            raise SnsError("bad_timestamp", "Timestamp is not an ISO-8601 time") from None
+        now = self._wall_clock()
+        if moment > now + MAX_CLOCK_SKEW:
+            raise SnsError("bad_timestamp", f"Timestamp {value} is in the future")
+        if moment < now - MESSAGE_ID_MEMORY:
+            raise SnsError("bad_timestamp", f"Timestamp {value} is older than "
+                                            f"{MESSAGE_ID_MEMORY.days} days")
+
+    def _checked_url(self, raw: object) -> URL:
+        return allowed_url(raw, self._pattern_labels, self._schemes)
 
     async def _public_key(self, url: URL) -> rsa.RSAPublicKey:
         """Return the cached key for url, or join/start the single fetch for it."""
@@ -331,73 +357,3 @@ class SnsVerifier:
         if self._session is None:
             self._session = self._session_factory()
         return self._session
-
-
-@dataclass(frozen=True)
-class MailEvent:
-    """A countable SES event: a permanent bounce or a complaint, per sending domain."""
-
-    kind: str  # "bounce" | "complaint"
-    source_domain: str
-    recipients: tuple[str, ...]
-
-
-# notificationType (identity notifications) / eventType (event publishing) -> (key, recipients)
-_MAIL_EVENT_SHAPES = {
-    "Bounce": ("bounce", "bouncedRecipients"),
-    "Complaint": ("complaint", "complainedRecipients"),
-}
-
-
-def mail_events(msg: dict[str, Any]) -> list[MailEvent]:
-    """Extract permanent bounces and complaints from an SES notification; [] otherwise."""
-    inner = _inner_json(msg.get("Message") if isinstance(msg, dict) else None)
-    if inner is None:
-        return []
-    type_name = inner.get("notificationType") or inner.get("eventType")
-    shape = _MAIL_EVENT_SHAPES.get(type_name) if isinstance(type_name, str) else None
-    if shape is None:
-        return []
-    kind, recipients_key = shape
-    detail = inner.get(kind)
-    if not isinstance(detail, dict):
-        return []
-    # Only hard bounces count; transient/undetermined ones are retried or unknown.
-    if kind == "bounce" and detail.get("bounceType") != "Permanent":
-        return []
-    domain = _source_domain(inner.get("mail"))
-    recipients = _recipient_addresses(detail.get(recipients_key))
-    if not domain or not recipients:
-        return []
-    return [MailEvent(kind=kind, source_domain=domain, recipients=recipients)]
-
-
-def _inner_json(message: object) -> dict[str, Any] | None:
-    """Decode the SNS Message string as a JSON object, or None."""
-    if not isinstance(message, str):
-        return None
-    try:
-        inner = json.loads(message)
-    except (ValueError, RecursionError):
-        return None
-    return inner if isinstance(inner, dict) else None
-
-
-def _source_domain(mail: object) -> str:
-    """Domain of mail.source (after the last '@'), lowercased; '' when unusable."""
-    source = mail.get("source") if isinstance(mail, dict) else None
-    if not isinstance(source, str) or "@" not in source:
-        return ""
-    return source.rpartition("@")[2].strip().lower()
-
-
-def _recipient_addresses(entries: object) -> tuple[str, ...]:
-    """emailAddress of each well-formed recipient entry, deduplicated in order."""
-    if not isinstance(entries, list):
-        return ()
-    addresses = (
-        entry["emailAddress"].strip()
-        for entry in entries
-        if isinstance(entry, dict) and isinstance(entry.get("emailAddress"), str)
-    )
-    return tuple(dict.fromkeys(address for address in addresses if address))

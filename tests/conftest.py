@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -215,6 +216,28 @@ async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     await s.open()
     yield s
     await s.close()
+
+
+class WriteLock:
+    """Another process's write transaction on the daemon's database file."""
+
+    def __init__(self, path: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+
+    def __enter__(self) -> "WriteLock":
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def password_hash_of(conn: sqlite3.Connection, email: str) -> str | None:
+    """A mailbox's password hash as stored (what Dovecot's passdb reads): a test oracle, read
+    straight from the table (the product never reads it back)."""
+    row = conn.execute("SELECT password_hash FROM mailboxes WHERE email = ?", (email,)).fetchone()
+    return row[0] if row else None
 
 
 def submit_batched(store: Store, fn: Callable[..., Any], arg: Any,

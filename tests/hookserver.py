@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from policyd.notifications import Notifier
-from policyd.notify import SIGNATURE_HEADER
+from policyd.notifier import Notifier
+from policyd.partner_webhook import SIGNATURE_HEADER
 from policyd.runtime import Runtime
 
 

@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import pty
+import pwd
 import re
 import shutil
 import signal
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from tests.ports import free_port
 
 CONF_POSTFIX = Path(__file__).resolve().parent.parent / "conf" / "postfix"
 MAP_FILES = {
@@ -67,8 +70,6 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 SWAKS_TIMEOUT = 30.0
 
-_handed_out_ports: set[int] = set()
-_port_lock = threading.Lock()
 
 
 class PostfixError(RuntimeError):
@@ -83,19 +84,6 @@ def require_postfix(*, swaks: bool = True) -> None:
         pytest.skip("swaks is not installed")
     if os.geteuid() != 0:
         pytest.skip("a private Postfix instance needs root")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a currently free TCP port on `host`, never the same one twice per process."""
-    with _port_lock:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-                port = int(sock.getsockname()[1])
-            if port not in _handed_out_ports:
-                _handed_out_ports.add(port)
-                return port
-    raise RuntimeError("no free port found")
 
 
 @contextlib.contextmanager
@@ -543,6 +531,7 @@ class PrivatePostfix:
         to: str | Sequence[str],
         local_interface: str | None = None,
         helo: str = "client.policyd-test.invalid",
+        port: int | None = None,
         auth_user: str | None = None,
         auth_password: str | None = None,
         auth_type: str = "PLAIN",
@@ -550,9 +539,10 @@ class PrivatePostfix:
         headers: Mapping[str, str] | None = None,
         extra: Sequence[str] = (),
     ) -> list[str]:
-        """The swaks command line for one message to this instance."""
+        """The swaks command line for one message to this instance (its first smtpd, or
+        the one on `port`)."""
         rcpts = [to] if isinstance(to, str) else list(to)
-        args = ["swaks", "--server", "127.0.0.1", "--port", str(self.smtp_port),
+        args = ["swaks", "--server", "127.0.0.1", "--port", str(port or self.smtp_port),
                 "--from", from_, "--to", ",".join(rcpts), "--helo", helo,
                 "--timeout", str(int(SWAKS_TIMEOUT))]
         if local_interface:
@@ -617,6 +607,11 @@ class PrivatePostfix:
         """A queued message, envelope and content, as `postcat -q` prints it."""
         return self._run(self._cmd("postcat", "-q", queue_id)).stdout
 
+    def release(self, queue_id: str) -> None:
+        """Release a held message (`postsuper -H`) and deliver it now (`postqueue -i`)."""
+        self._run(self._cmd("postsuper", "-H", queue_id))
+        self._run(self._cmd("postqueue", "-i", queue_id))
+
     # ---- internals
 
     def _cmd(self, program: str, *args: str) -> list[str]:
@@ -644,6 +639,104 @@ class PrivatePostfix:
         raise PostfixError(f"no SMTP banner on port {self.smtp_port}:\n{self.maillog()}")
 
 
+# --------------------------------------------------------------------------- the mail host
+
+def read_main_cf_snippet() -> dict[str, str]:
+    """conf/postfix/main.cf.snippet's parameters, continuation lines joined as Postfix does."""
+    settings: dict[str, str] = {}
+    text = (CONF_POSTFIX / "main.cf.snippet").read_text()
+    for logical in re.sub(r"\n[ \t]+", " ", text).splitlines():
+        if logical.strip() and not logical.startswith("#"):
+            name, _, value = logical.partition("=")
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def read_master_cf_snippet() -> list[list[str]]:
+    """conf/postfix/master.cf.snippet's services: each a service line and its '-o' lines."""
+    services: list[list[str]] = []
+    for line in (CONF_POSTFIX / "master.cf.snippet").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t":
+            services[-1].append(line)
+        else:
+            services.append([line])
+    return services
+
+
+class MailHostPostfix(PrivatePostfix):
+    """A private Postfix wired as a mail host by conf/postfix/ exactly as shipped, but for
+    its paths and ports.
+
+    main.cf is the harness's instance settings (own queue, loopback, every transport but
+    virtual_transport discards), then every parameter of main.cf.snippet with two
+    substitutions, then the host's TLS certificate (which the snippet leaves to the host's
+    own main.cf, as Debian's has one):
+
+        /etc/postfix/sqlite/   -> this instance's config directory (the map files)
+        inet:127.0.0.1:10040   -> inet:127.0.0.1:<policy_port>
+
+    So virtual_transport is the snippet's lmtp:unix:private/dovecot-lmtp, a socket that a
+    private Dovecot (tests/dovecot_harness.py, spool = queue_dir) creates. master.cf is the
+    harness's services plus the lmtp and tlsmgr services of Debian's master.cf, and each
+    master.cf.snippet service verbatim with its name (submission, submissions) replaced by
+    127.0.0.1:<free port> (`service_ports`). The harness's plain smtpd on `smtp_port` is
+    port 25.
+    """
+
+    def __init__(self, workdir: Path, *, policy_port: int, db_path: Path, tls_key: Path,
+                 tls_cert: Path) -> None:
+        super().__init__(workdir, policy_port=policy_port, db_path=db_path)
+        self.tls_key, self.tls_cert = tls_key, tls_cert
+        self.service_ports = {lines[0].split()[0]: free_port()
+                              for lines in read_master_cf_snippet()}
+
+    def substitutions(self) -> dict[str, str]:
+        """The only changes made to main.cf.snippet values."""
+        return {"/etc/postfix/sqlite/": f"{self.config_dir}/",
+                "inet:127.0.0.1:10040": f"inet:127.0.0.1:{self.policy_port}"}
+
+    def main_settings(self) -> dict[str, str]:
+        settings = super().main_settings()
+        for name, value in read_main_cf_snippet().items():
+            for old, new in self.substitutions().items():
+                value = value.replace(old, new)
+            settings[name] = value
+        settings.update({
+            "smtpd_tls_chain_files": f"{self.tls_key}, {self.tls_cert}",
+            "smtpd_tls_security_level": "may",  # port 25; submission -o's encrypt
+        })
+        return settings
+
+    def master_cf(self) -> str:
+        lines = [super().master_cf().rstrip("\n"),
+                 "lmtp unix - - n - - lmtp",
+                 "tlsmgr unix - - n 1000? 1 tlsmgr"]
+        for service in read_master_cf_snippet():
+            name, rest = service[0].split(None, 1)
+            lines.append(f"127.0.0.1:{self.service_ports[name]} {rest}")
+            lines += service[1:]
+        return "\n".join(lines) + "\n"
+
+    def _wait_for_banner(self) -> None:
+        super()._wait_for_banner()
+        for port in self.service_ports.values():
+            deadline = time.monotonic() + START_TIMEOUT
+            while not _port_open(port):
+                if time.monotonic() > deadline:
+                    raise PostfixError(f"nothing listens on {port}:\n{self.maillog()}")
+                time.sleep(0.05)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def _run_with_tty_stderr(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run a Postfix command; its stderr is a pty because Postfix only prints errors
     (e.g. "fatal: ... unknown user name value") to a terminal, otherwise only to syslog."""
@@ -664,9 +757,15 @@ def _run_with_tty_stderr(args: list[str], timeout: float) -> subprocess.Complete
 
 
 def _require_traversable(path: Path) -> None:
-    """Fail fast unless the unprivileged `postfix` user can reach `path` (o+x on the way)."""
+    """Fail fast unless the unprivileged `postfix` user can reach `path`: x on the way, for
+    others or for the postfix group (Postfix's daemons have no other group)."""
+    postfix = pwd.getpwnam("postfix")
     for directory in (path, *path.parents):
-        if directory.exists() and not directory.stat().st_mode & stat.S_IXOTH:
+        if not directory.exists():
+            continue
+        info = directory.stat()
+        if not (info.st_mode & stat.S_IXOTH or (info.st_mode & stat.S_IXGRP
+                                                 and info.st_gid == postfix.pw_gid)):
             raise PostfixError(f"the postfix user cannot traverse {directory} (needed for "
                                f"{path}); use postfix_workdir() instead of tmp_path")
 

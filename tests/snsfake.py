@@ -75,6 +75,7 @@ def make_message(
     subject: str | None = None,
     subscribe_url: str | None = None,
     identity: SigningIdentity | None = None,
+    timestamp: str | None = None,
 ) -> dict[str, Any]:
     """Build a correctly signed SNS envelope of the given Type."""
     msg: dict[str, Any] = {
@@ -82,7 +83,7 @@ def make_message(
         "MessageId": message_id or str(uuid.uuid4()),
         "TopicArn": topic_arn,
         "Message": message if isinstance(message, str) else json.dumps(message),
-        "Timestamp": _timestamp(),
+        "Timestamp": _timestamp() if timestamp is None else timestamp,
         "SignatureVersion": version,
         "SigningCertURL": cert_url,
     }

@@ -101,3 +101,20 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert "[policy] on_error" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     missing = _cli("check-config", "--config", str(tmp_path / "nope.ini"))
     assert missing.returncode != 0 and "cannot read" in missing.stderr
+
+
+def test_check_config_and_serve_warn_about_an_empty_topic_list(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from policyd import cli
+    from policyd.config import warnings
+
+    empty = tmp_path / "empty.ini"
+    empty.write_text("[sns]\nallowed_topic_arns =\n")
+    assert cli.main(["check-config", "--config", str(empty)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: [sns] allowed_topic_arns is empty" in err
+    listed = tmp_path / "listed.ini"
+    listed.write_text("[sns]\nallowed_topic_arns = arn:aws:sns:us-east-1:1:t\n")
+    assert cli.main(["check-config", "--config", str(listed)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert warnings(load_config(listed)) == []

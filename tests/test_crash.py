@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import AsyncIterator
@@ -25,18 +24,14 @@ from policyd.store import counters
 from policyd.store import domains as domain_store
 from policyd.timeutil import Periods, utcnow
 from tests.conftest import MASTER, outbound, request_bytes, write_config
+from tests.ports import free_port
+
+pytestmark = pytest.mark.slow  # a stress test: `pytest -m "not slow"` skips it
 
 DOMAIN = "crash.example"
 CLIENTS = 8
 KILL_AFTER = 300  # DUNNO replies before the kill
 START_WAIT = 30.0  # bound on the daemon's start (never reached when all is well)
-
-
-def free_port() -> int:
-    """A port free right now (the daemon binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class DaemonProcess:

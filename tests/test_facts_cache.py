@@ -1,17 +1,14 @@
 """The hot path keeps domain facts between batches only while nothing else writes.
 
-Part one is the store's contract (the `continued` flag a batch function gets); part two drives
-the real daemon: a decision made after an API write, another connection's write or a reset
-must see it, never the facts kept from before.
+The store's side of it (the `continued` flag a batch function gets) is in test_store.py. Here:
+the policy batch reads facts once, its kept usage never drifts from the database, and through
+the real daemon a decision made after an API write, another connection's write or a reset
+sees it, never the facts kept from before.
 """
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import struct
-from pathlib import Path
-
-import pytest
 
 from policyd.protocol import to_request
 from policyd.service import JobOptions, PolicyBatch, PolicyJob
@@ -22,76 +19,6 @@ from policyd.timeutil import Periods
 from tests.conftest import Daemon, outbound, submit_batched
 
 DOMAIN = "cached.example"
-
-
-class Recorder:
-    """A batch function that records the `continued` flag of each run (and writes a row)."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.seen: list[bool] = []
-        self.fail = fail
-
-    def __call__(self, conn: sqlite3.Connection, args: list[str],
-                 continued: bool) -> list[str]:
-        self.seen.append(continued)
-        if self.fail:
-            raise ValueError("refused")
-        for value in args:
-            counters.seen_message(conn, value, "now")
-        return args
-
-
-def _plain_write(conn: sqlite3.Connection, value: str) -> None:
-    counters.seen_message(conn, value, "now")
-
-
-async def test_continued_only_while_nothing_else_writes(store: Store) -> None:
-    fn, other, failing = Recorder(), Recorder(), Recorder(fail=True)
-    await submit_batched(store, fn, "a")
-    await submit_batched(store, fn, "b")
-    await store.write(_plain_write, "c")  # any other job on the write connection
-    await submit_batched(store, fn, "d")
-    await submit_batched(store, other, "e")  # another batch function
-    await submit_batched(store, fn, "f")
-    await submit_batched(store, fn, "g")
-    with sqlite3.connect(store.path) as outside:  # another connection (another process)
-        outside.execute("INSERT INTO sns_messages (message_id, received_at) VALUES ('x', 'now')")
-    outside.close()
-    await submit_batched(store, fn, "h")
-    await submit_batched(store, fn, "i")
-    with pytest.raises(ValueError):
-        await submit_batched(store, failing, "j")
-    await submit_batched(store, fn, "k")
-    assert fn.seen == [False, True, False, False, True, False, True, False]
-    assert other.seen == [False]
-
-
-async def test_a_failed_run_is_not_continued(store: Store) -> None:
-    failing = Recorder(fail=True)
-    for _ in range(2):
-        with pytest.raises(ValueError):
-            await submit_batched(store, failing, "x")
-    assert failing.seen == [False, False]
-
-
-def _lose_the_batch(conn: sqlite3.Connection, args: list[str], continued: bool) -> list[str]:
-    """A batch function whose failure takes the whole transaction with it (as SQLITE_FULL or
-    an I/O error would)."""
-    conn.execute("ROLLBACK")
-    raise sqlite3.OperationalError("disk I/O error")
-
-
-async def test_not_continued_after_its_transaction_was_lost(store: Store) -> None:
-    fn = Recorder()
-    await submit_batched(store, fn, "a")
-    await submit_batched(store, fn, "b")
-    # one turn, one transaction: fn's run succeeds, then the transaction is lost
-    both = [submit_batched(store, fn, "c"),
-            submit_batched(store, _lose_the_batch, "x")]
-    results = await asyncio.gather(*both, return_exceptions=True)
-    assert all(isinstance(r, Exception) for r in results), results
-    await submit_batched(store, fn, "d")  # c was never committed: what fn kept from it is void
-    assert fn.seen == [False, True, True, False]
 
 
 async def test_facts_are_read_once_while_only_the_hot_path_writes(store: Store) -> None:
@@ -106,7 +33,7 @@ async def test_facts_are_read_once_while_only_the_hot_path_writes(store: Store) 
     assert batch.reads == 1
     totals = await store.read(counters.totals, 1, *day)
     assert (totals.sent_today, totals.sent_month, totals.bytes_month) == (10, 10, 100)
-    await store.write(_plain_write, "other")
+    await store.write(counters.seen_message, "other", "now")  # any other write
     assert (await submit_batched(store, batch, job)).action == "DUNNO"
     assert batch.reads == 2
 
@@ -186,41 +113,3 @@ async def test_decisions_follow_writes_of_another_process(daemon: Daemon) -> Non
     finally:
         outside.close()
     await client.close()
-
-
-async def test_wal_starts_over_under_steady_writes(store: Store,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checkpoints run beside a steady stream of hot-path commits, and the WAL still starts
-    over after them (its header's checkpoint sequence moves on), so it does not grow with
-    every commit, as it did when checkpoints only ran beside the writes."""
-    import policyd.store as store_module
-
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 5)
-    wal = Path(str(store.path) + "-wal")
-    fn, restarts, stop = Recorder(), set(), False
-
-    def sequence() -> int | None:
-        try:
-            with open(wal, "rb") as f:  # WAL header: magic, version, page size, sequence
-                header = f.read(16)
-        except FileNotFoundError:
-            return None
-        return struct.unpack(">I", header[12:16])[0] if len(header) == 16 else None
-
-    async def writer(n: int) -> None:
-        for i in range(60):
-            await submit_batched(store, fn, f"{n}.{i}.{'x' * 200}")
-
-    async def watch() -> None:
-        while not stop:
-            restarts.add(sequence())
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
-    await asyncio.gather(*(writer(n) for n in range(40)))
-    stop = True
-    await watcher
-    assert store.checkpoints >= 6, store.checkpoints
-    # one sequence number per start of the WAL: the first, and one after most checkpoints
-    # (beside the writes alone: one or two in all)
-    assert len(restarts - {None}) > store.checkpoints // 2 + 1, (restarts, store.checkpoints)

@@ -230,10 +230,34 @@ async def test_a_subdomain_never_links_to_another_partners_wildcard_parent(
     b = await make_tenant(daemon, "bravo")
     body = {"parent": None, "wildcard": True}
     assert (await daemon.api("PUT", f"/domains/{a.domain}/parent", body))[0] == 200
-    created = await daemon.domain(f"shop.{a.domain}", token=b.token, verified=False)
+    # a client may not claim a subdomain of another partner's domain at all (SPEC §5)
+    status, body = await daemon.api("POST", "/domains/", {"name": f"shop.{a.domain}"},
+                                    token=b.token)
+    assert (status, body["error"]["code"]) == (403, "forbidden"), body
+    # the master may give it to b: then it is b's, and never linked to a's parent
+    created = await daemon.domain(f"shop.{a.domain}", partner_id=b.partner_id, verified=False)
     assert created["parent"] is None and created["ses"]["status"] != "inherited"
     mine = await daemon.domain(f"shop2.{a.domain}", token=a.token, verified=False)
     assert mine["parent"] == a.domain  # the same partner's subdomain is linked
+
+
+async def test_a_client_claims_subdomains_only_under_its_own_closest_ancestor(
+        daemon: Daemon) -> None:
+    a = await make_tenant(daemon, "alpha")
+    b = await make_tenant(daemon, "bravo")
+    await daemon.domain(f"deep.{a.domain}", token=a.token, verified=False)
+    await daemon.domain(f"b.deep.{a.domain}", partner_id=b.partner_id, verified=False)
+
+    async def create(name: str, token: str) -> int:
+        return (await daemon.api("POST", "/domains/", {"name": name}, token=token))[0]
+
+    assert await create(f"x.{a.domain}", b.token) == 403  # a's domain is closest
+    assert await create(f"x.deep.{a.domain}", b.token) == 403  # a's subdomain is closest
+    assert await create(f"x.b.deep.{a.domain}", a.token) == 403  # b's is closest, not a's
+    assert await create(f"x.b.deep.{a.domain}", b.token) == 201
+    assert await create(f"x.deep.{a.domain}", a.token) == 201
+    assert await create("unhosted-parent.example", b.token) == 201  # no ancestor hosted
+    assert await create("sub.nothing-hosted.example", b.token) == 201
 
 
 async def test_alias_quota_never_reveals_another_partners_mailbox(daemon: Daemon) -> None:

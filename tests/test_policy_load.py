@@ -9,6 +9,8 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from policyd.protocol import to_request
 from policyd.service import JobOptions, PolicyBatch, PolicyJob
 from policyd.store import connect, counters, open_and_migrate
@@ -16,6 +18,8 @@ from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE
 from policyd.timeutil import Periods
 from tests.conftest import Daemon, PolicyClient, outbound
+
+pytestmark = pytest.mark.slow  # a stress test: `pytest -m "not slow"` skips it
 
 DOMAIN = "busy.example"
 

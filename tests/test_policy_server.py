@@ -8,27 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
-import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-import policyd.store as store_module
 from policyd.config import Config
-from policyd.policyserver import parse_request
-from policyd.protocol import ProtocolError, RequestBuilder
-from policyd.store import Store, connect, counters
 from tests.conftest import (
     MASTER,
+    WriteLock,
     Daemon,
     outbound,
     request_bytes,
     start_daemon,
-    submit_batched,
 )
 
 EOF_WAIT = 10.0  # bound on waiting for the server to close a connection (never reached when ok)
@@ -267,21 +258,6 @@ async def test_shutdown_closes_idle_connections_and_does_not_wait_for_them(
 
 # --- the time budget --------------------------------------------------------------------
 
-class WriteLock:
-    """Another process's write transaction on the daemon's database file."""
-
-    def __init__(self, path: str) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None)
-
-    def __enter__(self) -> "WriteLock":
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.execute("ROLLBACK")
-        self.conn.close()
-
-
 @pytest.mark.parametrize(("on_error", "expected"), [("defer", TEMPFAIL), ("dunno", "DUNNO")])
 async def test_time_budget_answers_on_error_and_recovers(
         make_daemon: Callable[..., Any], on_error: str, expected: str,
@@ -496,115 +472,6 @@ async def test_metrics_readable_with_master_token(daemon: Daemon) -> None:
     assert status == 200
     assert 'policyd_policy_requests_total{action="DUNNO",reason="allowed"} 1.0' in text
     await client.close()
-
-
-# --- the request parser of the server agrees with the line parser ------------------------
-
-@given(st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b
-                                              and b.rstrip(b"\r") != b""), max_size=12))
-def test_parse_request_agrees_with_the_line_parser(lines: list[bytes]) -> None:
-    data = b"".join(line + b"\n" for line in lines) + b"\n"
-    builder = RequestBuilder()
-    try:
-        expected: dict[str, str] | None = None
-        for line in lines:
-            assert builder.add(line + b"\n") is None
-        expected = builder.add(b"\n")
-    except ProtocolError:
-        with pytest.raises(ProtocolError):
-            parse_request(data)
-        return
-    assert parse_request(data) == expected
-
-
-def test_parse_request_long_lines_and_crlf() -> None:
-    assert parse_request(b"a=b\r\nc=d=e\r\n\n") == {"a": "b", "c": "d=e"}
-    assert parse_request(b"a=" + b"x" * 65530 + b"\r\nb=1\r\n\n")["b"] == "1"
-    with pytest.raises(ProtocolError, match="line over"):
-        parse_request(b"a=" + b"x" * 65540 + b"\n\n")
-    with pytest.raises(ProtocolError, match="UTF-8"):
-        parse_request(b"a=" + b"x" * 65530 + b"\nb=\xff\n\n")
-
-
-# --- the store's batch path, as the policy service uses it -------------------------------
-
-def _record(conn: sqlite3.Connection, values: list[str], continued: bool) -> list[str]:
-    """A batch function: one insert of all its values (its one write, last). A bare table
-    write, not a store factory: this tests the store's batching, not its data."""
-    rows = ", ".join(["(?, 'now')"] * len(values))
-    conn.execute(f"INSERT INTO sns_messages (message_id, received_at) VALUES {rows}", values)
-    return [f"ok {v}" for v in values]
-
-
-def _refuse(conn: sqlite3.Connection, values: list[str], continued: bool) -> list[str]:
-    raise ValueError("refused")
-
-
-def _insert(conn: sqlite3.Connection, value: str) -> str:
-    counters.seen_message(conn, value, "now")
-    return value
-
-
-def _messages(path: Path) -> set[str]:
-    conn = connect(path, readonly=True)
-    try:
-        return {r[0] for r in conn.execute("SELECT message_id FROM sns_messages")}
-    finally:
-        conn.close()
-
-
-async def test_a_failing_batch_function_fails_its_own_run_only(store: Store) -> None:
-    ok = [submit_batched(store, _record, "a"), submit_batched(store, _record, "b")]
-    refused = [submit_batched(store, _refuse, "c"), submit_batched(store, _refuse, "d")]
-    plain = store.submit(_insert, "e")  # a guarded job in the same turn, same transaction
-    assert await asyncio.gather(*ok) == ["ok a", "ok b"]
-    for future in refused:
-        with pytest.raises(ValueError, match="refused"):
-            await future
-    assert await plain == "e"
-    assert _messages(store.path) == {"a", "b", "e"}
-    # on the loop: the batched run commits alone, the guarded job in the writer thread
-    assert store.batches == (2 if store.write_on_loop else 1)
-
-
-async def test_batch_waits_for_another_process_within_its_budget(store: Store) -> None:
-    with WriteLock(str(store.path)):
-        late = submit_batched(store, _record, "late", budget=0.2)
-        with pytest.raises(TimeoutError):
-            await late
-        waiting = submit_batched(store, _record, "waits", budget=30)
-    assert await waiting == "ok waits"  # queued to the writer thread, which waited
-    assert _messages(store.path) == {"waits"}  # the expired one never ran
-
-
-def _slow_record(conn: sqlite3.Connection, values: list[str], continued: bool) -> list[str]:
-    time.sleep(0.4)  # a stalled disk, say: the transaction began, its budget runs out
-    return _record(conn, values, continued)
-
-
-async def test_a_started_batch_is_answered_when_it_commits_not_timed_out(store: Store) -> None:
-    """Past its budget, a job whose transaction has begun gets its real answer once that
-    commits: a timeout answer ("try again later") for an increment being committed would
-    count the message again when Postfix retries it."""
-    assert await submit_batched(store, _slow_record, "slow", budget=0.1) == "ok slow"
-    assert _messages(store.path) == {"slow"}
-
-
-async def test_checkpoints_follow_commits_made_on_the_loop(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 3)
-
-    async def checkpointed(count: int) -> None:
-        while store.checkpoints < count:
-            await asyncio.sleep(0.01)
-
-    for round_no in (1, 2):
-        assert store.checkpoints == round_no - 1
-        for i in range(3):
-            name = f"m{round_no}.{i}"
-            assert await submit_batched(store, _record, name) == f"ok {name}"
-        await asyncio.wait_for(checkpointed(round_no), EOF_WAIT)
-    assert len(_messages(store.path)) == 6
 
 
 async def test_pipelined_requests_get_their_replies_in_order(daemon: Daemon) -> None:

@@ -9,7 +9,6 @@ WAL database, SASL logins reach the policy service, and a dead policy service de
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 import subprocess
 import threading
@@ -23,14 +22,15 @@ from tests.postfix_harness import (
     MAP_FILES,
     PostfixError,
     PrivatePostfix,
-    free_port,
     parse_swaks_transcript,
     policy_clause,
     postfix_workdir,
+    read_main_cf_snippet,
     render_map_file,
     require_postfix,
     write_config_file,
 )
+from tests.ports import free_port
 
 SCHEMA = CONF_POSTFIX.parent.parent / "schema.sql"
 OUTSIDE = "127.0.0.2"  # not in mynetworks: an inbound client
@@ -299,17 +299,6 @@ def test_failed_start_raises_and_leaves_nothing_running() -> None:
 
 
 # ---------------------------------------------------------------- conf/postfix/main.cf.snippet
-
-def read_main_cf_snippet() -> dict[str, str]:
-    """The snippet's parameters, continuation lines joined as Postfix does."""
-    settings: dict[str, str] = {}
-    text = (CONF_POSTFIX / "main.cf.snippet").read_text()
-    for logical in re.sub(r"\n[ \t]+", " ", text).splitlines():
-        if logical.strip() and not logical.startswith("#"):
-            name, _, value = logical.partition("=")
-            settings[name.strip()] = value.strip()
-    return settings
-
 
 def test_main_cf_snippet_has_no_unknown_parameters(tmp_path: Path) -> None:
     require_postfix(swaks=False)

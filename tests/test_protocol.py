@@ -5,20 +5,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policyd.names import NameError_
+from policyd.names import InvalidName
 from policyd.names import normalize_domain as api_normalize_domain
 from policyd.protocol import (
     MAX_ATTRS,
     MAX_LINE,
-    MAX_REQUEST,
     PolicyRequest,
     ProtocolError,
-    RequestBuilder,
     format_reply,
-    normalize_domain,
+    fold_domain,
     parse_line,
+    parse_request,
     to_request,
 )
+from tests.protocol_oracle import RequestBuilder
 
 
 @pytest.mark.parametrize(
@@ -88,80 +88,30 @@ def test_parse_line_round_trips(name: str, value: str) -> None:
     assert parse_line(f"{name}={value}\n".encode()) == (name, value)
 
 
-def _feed(builder: RequestBuilder, data: bytes) -> list[dict[str, str]]:
-    """Feed raw bytes line by line, as the server's readline() loop does."""
-    done = []
-    for line in data.splitlines(keepends=True):
-        attrs = builder.add(line)
-        if attrs is not None:
-            done.append(attrs)
-    return done
+def test_parse_request_keeps_the_last_of_a_repeated_attribute() -> None:
+    data = b"request=smtpd_access_policy\nprotocol_state=RCPT\nx_future=1\nsize=1\nsize=2\n\n"
+    assert parse_request(data) == {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                                   "x_future": "1", "size": "2"}
+    assert parse_request(b"\n") == {}  # a stray empty line: a request with no rule
 
 
-def test_builder_returns_each_request_on_the_empty_line() -> None:
-    builder = RequestBuilder()
-    data = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nx_future=1\nsize=1\nsize=2\n\n"
-            b"request=smtpd_access_policy\r\nsender=a@b.c\r\n\r\n"
-            b"protocol_state=DATA\n")
-    done = _feed(builder, data)
-    assert done == [
-        {"request": "smtpd_access_policy", "protocol_state": "RCPT", "x_future": "1",
-         "size": "2"},
-        {"request": "smtpd_access_policy", "sender": "a@b.c"},
-    ]
-    assert builder.pending
-
-
-def test_builder_pending_and_reset() -> None:
-    builder = RequestBuilder()
-    assert not builder.pending
-    builder.add(b"sender=a@b.c\n")
-    assert builder.pending
-    builder.reset()
-    assert not builder.pending
-    assert builder.add(b"\n") == {}
-
-
-def test_builder_attribute_cap() -> None:
-    builder = RequestBuilder()
-    for i in range(MAX_ATTRS):
-        assert builder.add(f"a{i}=v\n".encode()) is None
+def test_parse_request_attribute_cap() -> None:
+    lines = b"".join(f"a{i}=v\n".encode() for i in range(MAX_ATTRS))
+    assert len(parse_request(lines + b"\n")) == MAX_ATTRS
     with pytest.raises(ProtocolError, match="attributes"):
-        builder.add(b"one_too_many=v\n")
+        parse_request(lines + b"one_too_many=v\n\n")
 
 
-def test_builder_repeated_attributes_count_against_the_cap() -> None:
-    builder = RequestBuilder()
-    for _ in range(MAX_ATTRS):
-        builder.add(b"a=v\n")
-    with pytest.raises(ProtocolError, match="attributes"):
-        builder.add(b"a=v\n")
-
-
-def test_builder_size_cap() -> None:
-    builder = RequestBuilder()
-    line = b"a=" + b"x" * (MAX_LINE - 2) + b"\n"
-    full_lines = MAX_REQUEST // len(line)
-    for _ in range(full_lines):
-        builder.add(line)
-    with pytest.raises(ProtocolError, match="request over"):
-        builder.add(line)
-
-
-def test_builder_propagates_malformed_lines() -> None:
-    builder = RequestBuilder()
-    builder.add(b"request=smtpd_access_policy\n")
+def test_parse_request_refuses_a_malformed_line() -> None:
     with pytest.raises(ProtocolError, match="no '='"):
-        builder.add(b"garbage\n")
+        parse_request(b"request=smtpd_access_policy\ngarbage\n\n")
 
 
 @given(st.lists(st.binary(max_size=80), max_size=20))
-def test_builder_raises_only_protocol_error(lines: list[bytes]) -> None:
-    builder = RequestBuilder()
+def test_parse_request_raises_only_protocol_error(lines: list[bytes]) -> None:
+    data = b"\n".join(line.replace(b"\n", b"") for line in lines) + b"\n\n"
     try:
-        for line in lines:
-            attrs = builder.add(line)
-            assert attrs is None or isinstance(attrs, dict)
+        assert isinstance(parse_request(data), dict)
     except ProtocolError:
         pass
 
@@ -268,16 +218,44 @@ def test_to_request_never_raises(attrs: dict[str, str]) -> None:
 
 
 @given(st.text(max_size=40))
-def test_normalize_domain_agrees_with_the_api(raw: str) -> None:
+def test_fold_domain_agrees_with_the_api(raw: str) -> None:
     """Wherever the API accepts a name, the policy side normalises it to the same form."""
     try:
         stored = api_normalize_domain(raw)
-    except NameError_:
+    except InvalidName:
         return
-    assert normalize_domain(raw) == stored
+    assert fold_domain(raw) == stored
 
 
 @pytest.mark.parametrize("raw", ["Bücher.Example.", "EXAMPLE.com", "ex-ample.co.uk",
                                  "straße.de", "例え.jp"])
-def test_normalize_domain_agrees_with_the_api_examples(raw: str) -> None:
-    assert normalize_domain(raw) == api_normalize_domain(raw)
+def test_fold_domain_agrees_with_the_api_examples(raw: str) -> None:
+    assert fold_domain(raw) == api_normalize_domain(raw)
+
+
+# --- the request parser of the server agrees with the line parser ------------------------
+
+@given(st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b
+                                              and b.rstrip(b"\r") != b""), max_size=12))
+def test_parse_request_agrees_with_the_line_parser(lines: list[bytes]) -> None:
+    data = b"".join(line + b"\n" for line in lines) + b"\n"
+    builder = RequestBuilder()
+    try:
+        expected: dict[str, str] | None = None
+        for line in lines:
+            assert builder.add(line + b"\n") is None
+        expected = builder.add(b"\n")
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            parse_request(data)
+        return
+    assert parse_request(data) == expected
+
+
+def test_parse_request_long_lines_and_crlf() -> None:
+    assert parse_request(b"a=b\r\nc=d=e\r\n\n") == {"a": "b", "c": "d=e"}
+    assert parse_request(b"a=" + b"x" * 65530 + b"\r\nb=1\r\n\n")["b"] == "1"
+    with pytest.raises(ProtocolError, match="line over"):
+        parse_request(b"a=" + b"x" * 65540 + b"\n\n")
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        parse_request(b"a=" + b"x" * 65530 + b"\nb=\xff\n\n")

@@ -381,8 +381,8 @@ def dovecot_db(tmp_path: Path) -> sqlite3.Connection:
 
 @pytest.fixture
 def sql_conf() -> dict[str, str]:
-    """The settings of conf/dovecot/dovecot-sql.conf.ext."""
-    return _dovecot_settings(REPO / "conf" / "dovecot" / "dovecot-sql.conf.ext")
+    """The settings of conf/dovecot/dovecot-policyd-sql.conf.ext."""
+    return _dovecot_settings(REPO / "conf" / "dovecot" / "dovecot-policyd-sql.conf.ext")
 
 
 def _one(db: sqlite3.Connection, query: str, user: str) -> dict[str, Any] | None:
@@ -439,7 +439,7 @@ def test_iterate_query_lists_active_users(dovecot_db: sqlite3.Connection,
 
 
 def test_auth_snippet_points_passdb_and_userdb_at_the_sql_conf() -> None:
-    text = (REPO / "conf" / "dovecot" / "10-auth-policyd.conf").read_text()
+    text = (REPO / "conf" / "dovecot" / "99-policyd.conf").read_text()
     blocks = re.findall(r"^(passdb|userdb) \{\s*driver = sql\s*args = (\S+)\s*\}", text, re.M)
-    assert blocks == [("passdb", "/etc/dovecot/dovecot-sql.conf.ext"),
-                      ("userdb", "/etc/dovecot/dovecot-sql.conf.ext")]
+    assert blocks == [("passdb", "/etc/dovecot/dovecot-policyd-sql.conf.ext"),
+                      ("userdb", "/etc/dovecot/dovecot-policyd-sql.conf.ext")]

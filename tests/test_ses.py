@@ -1,7 +1,6 @@
 """SesClient against moto (in-process and server mode) and botocore's Stubber for throttling."""
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +13,7 @@ from moto.server import ThreadedMotoServer
 from moto.ses.models import ses_backends
 
 from policyd.ses import BATCH_SIZE, SesClient, SesError, SesIdentity, SesStatus
+from tests.ports import free_port
 
 REGION = "us-east-1"
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -139,9 +139,7 @@ async def test_end_to_end_against_moto_server(moto_server: str) -> None:
 
 
 async def test_unreachable_endpoint_is_ses_error() -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     ses = SesClient(region=REGION, endpoint_url=f"http://127.0.0.1:{port}")
     with pytest.raises(SesError, match="EndpointConnectionError") as info:
         await ses.verify_domain("example.com")

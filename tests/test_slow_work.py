@@ -5,8 +5,12 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from tests.conftest import outbound, start_daemon
 from tests.dnsserver import DnsServer
+
+pytestmark = pytest.mark.slow  # a stress test: `pytest -m "not slow"` skips it
 
 
 async def test_policy_replies_flow_while_dns_checks_wait_on_a_silent_server(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,10 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd.sns import (
-    MailEvent,
     SnsError,
     SnsVerifier,
-    mail_events,
+    allowed_url,
     parse_envelope,
     string_to_sign,
 )
@@ -24,8 +24,6 @@ from tests.snsfake import (
     CERT_PEM,
     TOPIC_ARN,
     CertServer,
-    bounce_message,
-    complaint_message,
     encode,
     make_message,
     new_identity,
@@ -33,6 +31,8 @@ from tests.snsfake import (
 
 VerifierFactory = Callable[..., SnsVerifier]
 AWS_CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-abc.pem"
+AWS_PATTERN = "sns.*.amazonaws.com".split(".")  # the default cert_host_pattern, by label
+HTTPS = ("https",)
 
 
 @pytest.fixture
@@ -42,6 +42,7 @@ async def make_verifier() -> AsyncIterator[VerifierFactory]:
     def factory(**kwargs: Any) -> SnsVerifier:
         kwargs.setdefault("cert_host_pattern", "127.0.0.1:*")
         kwargs.setdefault("insecure_http_certs", True)
+        kwargs.setdefault("allowed_topic_arns", ("*",))
         verifier = SnsVerifier(**kwargs)
         made.append(verifier)
         return verifier
@@ -49,6 +50,10 @@ async def make_verifier() -> AsyncIterator[VerifierFactory]:
     yield factory
     for verifier in made:
         await verifier.close()
+
+
+def _at(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def cert_url(server: CertServer, path: str = "/cert.pem") -> str:
@@ -221,7 +226,7 @@ async def test_verify_accepts_subscription_types(
     [
         ("Message", '{"notificationType": "Delivery"}'),
         ("Subject", "Changed"),
-        ("Timestamp", "2020-01-01T00:00:00.000Z"),
+        ("Timestamp", _at(dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1))),
         ("MessageId", "other-id"),
         ("TopicArn", "arn:aws:sns:us-east-1:123456789012:other"),
     ],
@@ -301,8 +306,8 @@ async def test_verify_rejects_missing_cert_url(make_verifier: VerifierFactory) -
         "https://SNS.US-EAST-1.AMAZONAWS.COM/x.pem",
     ],
 )
-def test_check_url_host_accepts_sns_hosts(url: str) -> None:
-    SnsVerifier().check_url_host(url)
+def test_allowed_url_accepts_sns_hosts(url: str) -> None:
+    assert allowed_url(url, AWS_PATTERN, HTTPS).path.endswith(".pem")
 
 
 @pytest.mark.parametrize(
@@ -328,18 +333,18 @@ def test_check_url_host_accepts_sns_hosts(url: str) -> None:
         ("", "cert_scheme"),
     ],
 )
-def test_check_url_host_rejects(url: str, reason: str) -> None:
+def test_allowed_url_rejects(url: str, reason: str) -> None:
     with pytest.raises(SnsError) as info:
-        SnsVerifier().check_url_host(url)
+        allowed_url(url, AWS_PATTERN, HTTPS)
     assert info.value.reason == reason
 
 
 def test_insecure_flag_allows_http_and_keeps_https() -> None:
-    verifier = SnsVerifier(insecure_http_certs=True)
-    verifier.check_url_host("http://sns.us-east-1.amazonaws.com/x.pem")
-    verifier.check_url_host(AWS_CERT_URL)
+    schemes = ("https", "http")  # what insecure_http_certs = true gives
+    allowed_url("http://sns.us-east-1.amazonaws.com/x.pem", AWS_PATTERN, schemes)
+    allowed_url(AWS_CERT_URL, AWS_PATTERN, schemes)
     with pytest.raises(SnsError) as info:
-        verifier.check_url_host("ftp://sns.us-east-1.amazonaws.com/x.pem")
+        allowed_url("ftp://sns.us-east-1.amazonaws.com/x.pem", AWS_PATTERN, schemes)
     assert info.value.reason == "cert_scheme"
 
 
@@ -372,12 +377,52 @@ async def test_topic_allow_list(cert_server: CertServer, make_verifier: Verifier
     assert cert_server.cert_hits == 1
 
 
-async def test_empty_allow_list_allows_any_topic(
+async def test_star_allows_any_topic(
     cert_server: CertServer, make_verifier: VerifierFactory,
 ) -> None:
     msg = signed(cert_server, topic_arn="arn:aws:sns:eu-west-1:1:anything")
-    await make_verifier(allowed_topic_arns=()).verify(msg)
+    await make_verifier(allowed_topic_arns=("*",)).verify(msg)
     assert cert_server.cert_hits == 1
+
+
+async def test_empty_allow_list_allows_no_topic(
+    cert_server: CertServer, make_verifier: VerifierFactory,
+) -> None:
+    verifier = make_verifier(allowed_topic_arns=())
+    assert await reason_of(verifier.verify(signed(cert_server))) == "topic_not_allowed"
+    sub = subscription(cert_server)
+    assert await reason_of(verifier.verify(sub)) == "topic_not_allowed"
+    assert await reason_of(verifier.confirm_subscription(sub)) == "topic_not_allowed"
+    assert cert_server.cert_hits == 0 and cert_server.confirm_hits == []
+
+
+# --- timestamps: fresh, and never older than the MessageId memory -------------------------
+
+
+@pytest.mark.parametrize(("offset", "ok"), [
+    (dt.timedelta(0), True),
+    (dt.timedelta(minutes=4, seconds=59), True),  # clock skew ahead
+    (dt.timedelta(minutes=5, seconds=1), False),
+    (-dt.timedelta(days=13, hours=23), True),  # SNS retries for hours, not weeks
+    (-dt.timedelta(days=14, seconds=1), False),  # its MessageId may be forgotten: a replay
+])
+async def test_timestamp_window(cert_server: CertServer, make_verifier: VerifierFactory,
+                                offset: dt.timedelta, ok: bool) -> None:
+    now = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.timezone.utc)
+    verifier = make_verifier(wall_clock=lambda: now)
+    msg = signed(cert_server, timestamp=_at(now + offset))
+    if ok:
+        await verifier.verify(msg)
+    else:
+        assert await reason_of(verifier.verify(msg)) == "bad_timestamp"
+
+
+@pytest.mark.parametrize("value", ["yesterday", "", "2026-13-40T00:00:00Z"])
+async def test_timestamp_must_parse(cert_server: CertServer, make_verifier: VerifierFactory,
+                                    value: str) -> None:
+    msg = signed(cert_server, timestamp=value)
+    assert await reason_of(make_verifier().verify(msg)) == "bad_timestamp"
+    assert cert_server.cert_hits == 0  # refused before any certificate is fetched
 
 
 # --- certificate fetching and caching ------------------------------------------------------
@@ -460,6 +505,7 @@ async def test_session_factory_is_used_once_and_closed(cert_server: CertServer) 
         insecure_http_certs=True,
         session_factory=factory,
         cert_ttl=0.0,
+        allowed_topic_arns=(TOPIC_ARN,),
     )
     for _ in range(2):
         await verifier.verify(signed(cert_server))
@@ -530,83 +576,3 @@ async def test_confirm_subscription_rejects_notifications(
 ) -> None:
     msg = signed(cert_server)
     assert await reason_of(make_verifier().confirm_subscription(msg)) == "bad_envelope"
-
-
-# --- SES events -----------------------------------------------------------------------------
-
-
-def envelope(inner: dict[str, Any] | str) -> dict[str, Any]:
-    return make_message(message=inner, cert_url=AWS_CERT_URL)
-
-
-def test_mail_events_permanent_bounce() -> None:
-    inner = bounce_message("Sender@Mail.Example.COM", ["a@x.org", "b@y.org", "a@x.org"])
-    assert mail_events(envelope(inner)) == [
-        MailEvent("bounce", source_domain="mail.example.com", recipients=("a@x.org", "b@y.org"))
-    ]
-
-
-@pytest.mark.parametrize("bounce_type", ["Transient", "Undetermined"])
-def test_mail_events_ignores_soft_bounces(bounce_type: str) -> None:
-    assert mail_events(envelope(bounce_message("s@example.com", ["a@x.org"], bounce_type))) == []
-
-
-def test_mail_events_complaint() -> None:
-    inner = complaint_message("news@example.com", ["c@x.org"])
-    assert mail_events(envelope(inner)) == [
-        MailEvent(kind="complaint", source_domain="example.com", recipients=("c@x.org",))
-    ]
-
-
-def test_mail_events_event_publishing_shape() -> None:
-    inner = complaint_message("news@example.com", ["c@x.org"])
-    inner["eventType"] = inner.pop("notificationType")
-    assert [event.kind for event in mail_events(envelope(inner))] == ["complaint"]
-
-
-def test_mail_events_ignores_delivery() -> None:
-    inner = {
-        "notificationType": "Delivery",
-        "mail": {"source": "s@example.com", "destination": ["a@x.org"]},
-        "delivery": {"recipients": ["a@x.org"], "smtpResponse": "250 ok"},
-    }
-    assert mail_events(envelope(inner)) == []
-
-
-def _mangled_bounces() -> list[dict[str, Any]]:
-    base = bounce_message("s@example.com", ["a@x.org"])
-    cases = []
-    for path, value in [
-        (("mail",), None),
-        (("mail", "source"), "no-at-sign"),
-        (("mail", "source"), 42),
-        (("bounce",), "x"),
-        (("bounce", "bouncedRecipients"), {"emailAddress": "a@x.org"}),
-        (("bounce", "bouncedRecipients"), [{"emailAddress": 5}, "a@x.org", {"emailAddress": " "}]),
-        (("notificationType",), ["Bounce"]),
-    ]:
-        case = json.loads(json.dumps(base))
-        target = case
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value
-        cases.append(case)
-    return cases
-
-
-@pytest.mark.parametrize(
-    "inner", ["not json", "[1]", '"Bounce"', "[" * 100_000, *_mangled_bounces()]
-)
-def test_mail_events_garbage_is_empty(inner: dict[str, Any] | str) -> None:
-    assert mail_events(envelope(inner)) == []
-
-
-@pytest.mark.parametrize("msg", [{}, {"Message": None}, {"Message": 7}, []])
-def test_mail_events_bad_envelope_is_empty(msg: Any) -> None:
-    assert mail_events(msg) == []
-
-
-@given(st.text(max_size=300) | st.builds(json.dumps, _json_values))
-def test_mail_events_never_raises(message: str) -> None:
-    assert isinstance(mail_events({"Message": message}), list)
-

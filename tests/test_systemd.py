@@ -61,7 +61,8 @@ def values(unit: Unit, section: str, key: str) -> list[str]:
 
 def test_the_expected_units_are_shipped() -> None:
     shipped = {p.name for p in UNIT_DIR.iterdir() if p.suffix in (".service", ".timer")}
-    assert shipped == set(SERVICES) | set(TIMERS)
+    replication = {"policyd-litestream.service", "policyd-restore.service"}  # their own tests
+    assert shipped == set(SERVICES) | set(TIMERS) | replication
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -130,8 +131,11 @@ def test_timer_calendar_parses(name: str) -> None:
 def test_sysusers_creates_the_policyd_user_and_lets_postfix_read() -> None:
     lines = [line.split() for line in (UNIT_DIR / "policyd.sysusers").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert ["u", "policyd"] in [line[:2] for line in lines]
-    assert ["m", "postfix", "policyd"] in [line[:3] for line in lines]
+    # Postfix reads the database with its primary group only: policyd's files are group postfix
+    assert ["u", "policyd", "-:postfix"] in [line[:3] for line in lines]
+    assert ["g", "policyd", "-"] in lines and ["m", "policyd", "policyd"] in lines
+    for name in SERVICES:
+        assert values(parse_unit(UNIT_DIR / name), "Service", "Group") == ["postfix"]
 
 
 # -------------------------------------------------------------------- systemd-analyze verify

@@ -10,12 +10,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from policyd import jobs
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from tests.conftest import MASTER, Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running
 from tests.snsfake import (
@@ -358,3 +359,39 @@ async def test_sns_settings_are_read_from_config(make_config: Callable[..., Any]
         assert status == 403 and cert_server.cert_hits == 0
     finally:
         await daemon.stop()
+
+
+# --- the SNS defaults (SPEC §2, §8) ---------------------------------------------------------
+
+async def test_an_empty_topic_list_accepts_no_topic(make_config: Callable[..., Any],
+                                                    cert_server: CertServer) -> None:
+    config = make_config(sns={"cert_host_pattern": "127.0.0.1:*",
+                              "insecure_http_certs": "true"})  # allowed_topic_arns unset
+    daemon = await start_daemon(config)
+    try:
+        await daemon.domain(DOMAIN)
+        msg = make_message(message=bounce_message(SENDER, ["a@x.org"]),
+                           cert_url=cert_server.base_url + "/cert.pem")
+        status, body = await daemon.api("POST", "/webhooks/ses", token=None,
+                                        raw=json.dumps(msg).encode())
+        assert status == 403 and body["error"]["code"] == "forbidden", body
+        _, stats = await daemon.api("GET", f"/domains/{DOMAIN}/outbound")
+        assert stats["bounces"] == 0
+    finally:
+        await daemon.stop()
+
+
+async def test_a_replayed_old_message_is_refused_and_not_counted(world: World) -> None:
+    old = (datetime.now(timezone.utc) - timedelta(days=15)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    msg = make_message(message=bounce_message(SENDER, ["a@x.org"]),
+                       cert_url=world.certs.base_url + "/cert.pem", timestamp=old)
+    status, body = await world.post(msg)
+    assert status == 403, body
+    assert (await world.outbound())["bounces"] == 0
+
+
+async def test_the_source_domain_is_normalised(world: World) -> None:
+    msg = world.message(bounce_message(SENDER.upper() + ".", ["a@x.org"]))
+    status, body = await world.post(msg)
+    assert (status, body["counted"]) == (200, 1), body
+    assert (await world.outbound())["bounces"] == 1

@@ -12,31 +12,50 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
 
-from policyd.policy import DomainFacts, Usage
+from policyd.policy import COUNTER_MAX, DomainFacts, Sending, Usage, inherited
 
-_FACTS_COLUMNS = (
-    "SELECT d.id, d.name, d.partner_id, d.status, d.out_status, d.ses_status, p.ses_status, "
-    "CASE WHEN p.id IS NULL THEN d.out_daily_limit ELSE p.out_daily_limit END, "
-    "CASE WHEN p.id IS NULL THEN d.out_monthly_limit ELSE p.out_monthly_limit END, "
-    "d.transfer_limit_bytes, coalesce(p.out_enforcement, d.out_enforcement), "
-    "coalesce(cd.sent, 0), coalesce(cm.sent, 0), coalesce(cm.bytes, 0) ")
+# What the policy hot path reads of a domain: field name -> SQL expression. The SELECT is
+# built from this one table and rows are read back by these names, never by position.
+_FACT_COLUMNS = {
+    "id": "d.id", "name": "d.name", "partner_id": "d.partner_id", "status": "d.status",
+    "out_status": "d.out_status", "ses_status": "d.ses_status",
+    "transfer_limit_bytes": "d.transfer_limit_bytes",
+    "tier": "d.out_tier", "daily_limit": "d.out_daily_limit",
+    "monthly_limit": "d.out_monthly_limit", "enforcement": "d.out_enforcement",
+    "parent_id": "p.id", "parent_ses_status": "p.ses_status", "parent_tier": "p.out_tier",
+    "parent_daily_limit": "p.out_daily_limit", "parent_monthly_limit": "p.out_monthly_limit",
+    "parent_enforcement": "p.out_enforcement",
+    "sent_today": "coalesce(cd.sent, 0)", "sent_month": "coalesce(cm.sent, 0)",
+    "bytes_month": "coalesce(cm.bytes, 0)",
+}
+_FACTS_SELECT = "SELECT " + ", ".join(_FACT_COLUMNS.values()) + " "
 _FACTS_JOINS = (
     "LEFT JOIN domains p ON p.id = d.parent_id "
     "LEFT JOIN counters cd ON cd.domain_id = d.id AND cd.kind = 'day' AND cd.period = ?1 "
     "LEFT JOIN counters cm ON cm.domain_id = d.id AND cm.kind = 'month' AND cm.period = ?2 ")
-_FACTS = _FACTS_COLUMNS + "FROM domains d " + _FACTS_JOINS + "WHERE d.name = ?3"
+_FACTS = _FACTS_SELECT + "FROM domains d " + _FACTS_JOINS + "WHERE d.name = ?3"
 # One statement for any number of names: they come as one JSON array (a fixed SQL text, so
 # the prepared statement is reused whatever the batch size).
-_FACTS_MANY = (_FACTS_COLUMNS + "FROM json_each(?3) AS names "
+_FACTS_MANY = (_FACTS_SELECT + "FROM json_each(?3) AS names "
                "JOIN domains d ON d.name = names.value " + _FACTS_JOINS)
 
 Found = tuple[int, DomainFacts, Usage]
 
 
 def _found(r: tuple[Any, ...]) -> Found:
-    # Once per domain of every policy batch: the columns are selected in the field order of
-    # DomainFacts (name .. enforcement) and Usage, so they go in positionally (cheaper).
-    return r[0], DomainFacts(*r[1:11]), Usage(r[11], r[12], r[13])
+    f = dict(zip(_FACT_COLUMNS, r))
+    parent = None if f["parent_id"] is None else Sending(
+        f["parent_tier"], f["parent_daily_limit"], f["parent_monthly_limit"],
+        f["parent_enforcement"])
+    sending = inherited(Sending(f["tier"], f["daily_limit"], f["monthly_limit"],
+                                f["enforcement"]), parent)
+    facts = DomainFacts(
+        name=f["name"], partner_id=f["partner_id"], status=f["status"],
+        out_status=f["out_status"], ses_status=f["ses_status"],
+        parent_ses_status=f["parent_ses_status"], daily_limit=sending.daily_limit,
+        monthly_limit=sending.monthly_limit, transfer_limit_bytes=f["transfer_limit_bytes"],
+        enforcement=sending.enforcement)
+    return f["id"], facts, Usage(f["sent_today"], f["sent_month"], f["bytes_month"])
 
 
 def domain_facts(conn: sqlite3.Connection, name: str, day: str, month: str) -> Found | None:
@@ -53,11 +72,19 @@ def domains_facts(conn: sqlite3.Connection, names: Iterable[str], day: str,
         found = domain_facts(conn, names[0], day, month)
         return {} if found is None else {names[0]: found}
     rows = conn.execute(_FACTS_MANY, (day, month, json.dumps(names))).fetchall()
-    return {r[1]: _found(r) for r in rows}
+    return {found[1].name: found for found in map(_found, rows)}
+
+
+def _saturating_sum(a: str, b: str) -> str:
+    """SQL for a + b of two non-negative counters, held at COUNTER_MAX: past 2^63 - 1 SQLite
+    turns the sum into a REAL, which a STRICT INTEGER column refuses, failing the statement
+    and with it every request of the batch (a domain wedged for good)."""
+    return f"CASE WHEN {a} > {COUNTER_MAX} - {b} THEN {COUNTER_MAX} ELSE {a} + {b} END"
 
 
 _UPSERT = ("ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-           "sent = sent + excluded.sent, bytes = bytes + excluded.bytes")
+           f"sent = {_saturating_sum('sent', 'excluded.sent')}, "
+           f"bytes = {_saturating_sum('bytes', 'excluded.bytes')}")
 _ADD_JSON = (
     "INSERT INTO counters (domain_id, kind, period, sent, bytes) "
     "SELECT row.value ->> 0, kind.name, row.value ->> (1 + kind.n), row.value ->> 3, "
@@ -83,10 +110,13 @@ def add_many(conn: sqlite3.Connection, counts: list[tuple[int, str, str, int, in
     """Add (domain id, day, month, sent, bytes) to the day and month counters of several
     domains in one statement, so it is all or nothing."""
     if len(counts) > MAX_VALUES_ROWS:
-        conn.execute(_ADD_JSON, (json.dumps(counts),))
+        conn.execute(_ADD_JSON, (json.dumps([(d, day, month, min(sent, COUNTER_MAX),
+                                              min(nbytes, COUNTER_MAX))
+                                             for d, day, month, sent, nbytes in counts]),))
     elif counts:
         params: list[Any] = []
         for domain_id, day, month, sent, nbytes in counts:
+            sent, nbytes = min(sent, COUNTER_MAX), min(nbytes, COUNTER_MAX)
             params += (domain_id, day, sent, nbytes, domain_id, month, sent, nbytes)
         conn.execute(_add_values(len(counts)), params)
 
@@ -143,10 +173,10 @@ def freeze_months(conn: sqlite3.Connection, this_month: str, now: str) -> int:
         "frozen_at) SELECT domain_id, period, sent, bytes, bounces, complaints, ? "
         "FROM counters WHERE kind = 'month' AND period < ? "
         "ON CONFLICT (domain_id, period) DO UPDATE SET "
-        "sent = monthly_history.sent + excluded.sent, "
-        "bytes = monthly_history.bytes + excluded.bytes, "
-        "bounces = monthly_history.bounces + excluded.bounces, "
-        "complaints = monthly_history.complaints + excluded.complaints, "
+        f"sent = {_saturating_sum('monthly_history.sent', 'excluded.sent')}, "
+        f"bytes = {_saturating_sum('monthly_history.bytes', 'excluded.bytes')}, "
+        f"bounces = {_saturating_sum('monthly_history.bounces', 'excluded.bounces')}, "
+        f"complaints = {_saturating_sum('monthly_history.complaints', 'excluded.complaints')}, "
         "frozen_at = excluded.frozen_at",
         (now, this_month)).rowcount
     conn.execute("DELETE FROM counters WHERE kind = 'month' AND period < ?", (this_month,))
@@ -174,7 +204,8 @@ def add_feedback(conn: sqlite3.Connection, domain_id: int, day: str, month: str,
         "INSERT INTO counters (domain_id, kind, period, bounces, complaints) VALUES "
         "(?1, 'day', ?2, ?4, ?5), (?1, 'month', ?3, ?4, ?5) "
         "ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-        "bounces = bounces + excluded.bounces, complaints = complaints + excluded.complaints",
+        f"bounces = {_saturating_sum('bounces', 'excluded.bounces')}, "
+        f"complaints = {_saturating_sum('complaints', 'excluded.complaints')}",
         (domain_id, day, month, bounces, complaints))
     return totals(conn, domain_id, day, month)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from policyd.errors import Exists, Forbidden, Invalid, NotFound, QuotaExceeded
+from policyd.policy import Sending, inherited, ses_verified
 from policyd.store.changes import audit, record_change
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
@@ -56,18 +57,18 @@ class Domain:
     parent: Parent | None
 
     @property
-    def effective(self) -> tuple[str, int | None, int | None, str]:
-        """(tier, daily, monthly, enforcement), inherited from a wildcard parent when linked."""
-        if self.parent is not None:
-            p = self.parent
-            return p.tier, p.daily_limit, p.monthly_limit, p.enforcement
-        return self.tier, self.daily_limit, self.monthly_limit, self.enforcement
+    def effective(self) -> Sending:
+        """Tier, limits and enforcement it sends under (its wildcard parent's when linked)."""
+        own = Sending(self.tier, self.daily_limit, self.monthly_limit, self.enforcement)
+        parent = None if self.parent is None else Sending(
+            self.parent.tier, self.parent.daily_limit, self.parent.monthly_limit,
+            self.parent.enforcement)
+        return inherited(own, parent)
 
     @property
     def ses_verified(self) -> bool:
         """Verified itself, or through its wildcard parent."""
-        return self.ses_status == "success" or (
-            self.parent is not None and self.parent.ses_status == "success")
+        return ses_verified(self.ses_status, self.parent.ses_status if self.parent else None)
 
 
 def _row(r: tuple[Any, ...]) -> Domain:
@@ -114,6 +115,29 @@ def _wildcard_parent(conn: sqlite3.Connection, name: str) -> tuple[int, int | No
     return None
 
 
+def _closest_hosted_ancestor(conn: sqlite3.Connection,
+                             name: str) -> tuple[str, int | None] | None:
+    """(name, partner_id) of the nearest hosted domain above name, wildcard or not."""
+    labels = name.split(".")
+    for i in range(1, len(labels) - 1):
+        ancestor = ".".join(labels[i:])
+        row = conn.execute("SELECT partner_id FROM domains WHERE name = ?",
+                           (ancestor,)).fetchone()
+        if row:
+            return ancestor, row[0]
+    return None
+
+
+def _check_claim(conn: sqlite3.Connection, scope: Scope, name: str) -> None:
+    """A client may create a subdomain only under its own closest hosted ancestor, or where
+    none is hosted: a subdomain of another partner's domain is that partner's (SPEC §5)."""
+    if scope.is_master:
+        return
+    ancestor = _closest_hosted_ancestor(conn, name)
+    if ancestor is not None and ancestor[1] != scope.partner_id:
+        raise Forbidden(f"{name} is under {ancestor[0]}, which another account hosts")
+
+
 def _check_partner_quota(conn: sqlite3.Connection, partner_id: int) -> None:
     row = conn.execute("SELECT max_domains FROM partners WHERE id = ?", (partner_id,)).fetchone()
     if row is None:
@@ -141,6 +165,7 @@ def create_domain(conn: sqlite3.Connection, scope: Scope, name: str, partner_id:
     """Create a domain (quota checked in this transaction), linking a wildcard parent."""
     if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
         raise Exists(f"domain {name} already exists")
+    _check_claim(conn, scope, name)
     parent = _wildcard_parent(conn, name)
     owner = _owner(scope, partner_id, parent)
     if owner is not None:
@@ -263,20 +288,82 @@ def set_parent(conn: sqlite3.Connection, scope: Scope, name: str, parent: str | 
     return after
 
 
-def update_fields(conn: sqlite3.Connection, scope: Scope, name: str, fields: dict[str, Any],
-                  action: str) -> tuple[Domain, Domain]:
-    """Set columns of a domain (already validated and permitted); returns (before, after)."""
+class Keep:
+    """The value of an OutboundPatch field that is not to change."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundPatch:
+    """Outbound settings to change (validated and permitted by the caller); KEEP leaves a
+    field as it is, None sets a limit to unlimited."""
+
+    tier: str | Keep = KEEP
+    daily_limit: int | None | Keep = KEEP
+    monthly_limit: int | None | Keep = KEEP
+    enforcement: str | Keep = KEEP
+    status: str | Keep = KEEP
+
+    def columns(self) -> dict[str, Any]:
+        """The domain columns this patch sets."""
+        pairs = (("out_tier", self.tier), ("out_daily_limit", self.daily_limit),
+                 ("out_monthly_limit", self.monthly_limit),
+                 ("out_enforcement", self.enforcement), ("out_status", self.status))
+        return {column: value for column, value in pairs if value is not KEEP}
+
+
+def patch_outbound(conn: sqlite3.Connection, scope: Scope, name: str,
+                   patch: OutboundPatch) -> Domain:
+    """Change a domain's outbound tier, limits, enforcement or status (audited)."""
+    return _set(conn, scope, name, patch.columns(), "outbound.update")
+
+
+def block_outbound(conn: sqlite3.Connection, scope: Scope, name: str, why: str) -> bool:
+    """Block a domain's outbound mail (the guillotine); False when it was not active."""
+    domain = find_domain(conn, name)
+    if domain is None or domain.out_status != "active":
+        return False
+    _set(conn, scope, name, {"out_status": "blocked"}, why)
+    return True
+
+
+def set_retention(conn: sqlite3.Connection, scope: Scope, name: str,
+                  days: int | None) -> Domain:
+    """Keep a domain's mail for this many days (None: for ever); audited."""
+    return _set(conn, scope, name, {"retention_days": days}, "domain.retention")
+
+
+def set_transfer_limit(conn: sqlite3.Connection, scope: Scope, name: str,
+                       limit_bytes: int | None) -> Domain:
+    """Limit a domain's monthly transfer in bytes (None: unlimited); audited."""
+    return _set(conn, scope, name, {"transfer_limit_bytes": limit_bytes}, "domain.transfer")
+
+
+def set_wildcard(conn: sqlite3.Connection, scope: Scope, name: str, wildcard: bool) -> Domain:
+    """Make a domain a wildcard parent (its new subdomains link to it) or not; audited."""
+    return _set(conn, scope, name, {"wildcard": int(wildcard)}, "domain.parent")
+
+
+def _set(conn: sqlite3.Connection, scope: Scope, name: str, fields: dict[str, Any],
+         action: str) -> Domain:
+    """Set columns of a domain and audit what changed, in this transaction; the domain after."""
     domain = get_domain(conn, scope, name)
     current = {column: getattr(domain, _ATTR.get(column, column)) for column in fields}
     changed = {c: v for c, v in fields.items() if current[c] != v}
     _update(conn, domain, changed)
     if changed:
         audit(conn, scope, action, name, {c: current[c] for c in changed}, changed)
-    return domain, get_domain(conn, scope, name)
+    return get_domain(conn, scope, name)
 
 
 _ATTR = {"out_tier": "tier", "out_daily_limit": "daily_limit",
-         "out_monthly_limit": "monthly_limit", "out_enforcement": "enforcement"}
+         "out_monthly_limit": "monthly_limit", "out_enforcement": "enforcement",
+         "out_status": "out_status"}
 
 
 def set_ses(conn: sqlite3.Connection, name: str, *, status: str, dkim_status: str | None,

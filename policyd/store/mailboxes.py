@@ -44,12 +44,6 @@ def get_mailbox(conn: sqlite3.Connection, scope: Scope, email: str) -> Mailbox:
     return _mailbox(row)
 
 
-def password_hash(conn: sqlite3.Connection, email: str) -> str | None:
-    """The stored password hash of a mailbox, as Dovecot reads it (unscoped, internal)."""
-    row = conn.execute("SELECT password_hash FROM mailboxes WHERE email = ?", (email,)).fetchone()
-    return row[0] if row else None
-
-
 def list_mailboxes(conn: sqlite3.Connection, scope: Scope, domain: str | None, limit: int,
                    offset: int) -> list[Mailbox]:
     """Mailboxes scope may see, optionally of one domain."""

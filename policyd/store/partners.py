@@ -60,6 +60,7 @@ def create_partner(conn: sqlite3.Connection, scope: Scope,
     partner_id = conn.execute(
         f"INSERT INTO partners ({', '.join(PARTNER_FIELDS)}, notify_secret, created_at, "
         "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*values, secret, now, now)).lastrowid
+    assert partner_id is not None  # an INSERT always sets it
     partner = get_partner(conn, partner_id)
     audit(conn, scope, "partner.create", f"partner:{partner_id}", None, partner.public())
     return partner, secret

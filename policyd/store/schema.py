@@ -37,10 +37,13 @@ def _normal(sql: str | None) -> str:
 
 
 def objects(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
-    """(type, name) -> normalised SQL of every schema object but SQLite's own."""
+    """(type, name) -> normalised SQL of every schema object but SQLite's own and
+    Litestream's (`_litestream_seq`, `_litestream_lock`: its bookkeeping in a replicated
+    database, never ours to warn about, migrate or drop)."""
     rows = conn.execute(
         "SELECT type, name, sql FROM sqlite_master "
-        "WHERE name NOT LIKE 'sqlite_%' AND sql IS NOT NULL").fetchall()
+        "WHERE name NOT LIKE 'sqlite_%' "
+        "AND name NOT LIKE '\\_litestream\\_%' ESCAPE '\\' AND sql IS NOT NULL").fetchall()
     return {(kind, name): _normal(sql) for kind, name, sql in rows}
 
 

@@ -1,12 +1,11 @@
-"""Partner notifications: signed JSON events POSTed to a partner's notify_url."""
+"""The partner webhook: an outbox event POSTed to a partner's notify_url, signed with its
+notify_secret (X-Policyd-Signature, SPEC §5)."""
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import random
-from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -26,19 +25,6 @@ def sign(body: bytes, secret: str) -> str:
     """Return the signature header value: "sha256=" + hex HMAC-SHA256 of body."""
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return _PREFIX + digest
-
-
-def verify_signature(body: bytes, secret: str, header: str) -> bool:
-    """Check a signature header against body in constant time."""
-    # Compare bytes: compare_digest refuses non-ASCII str, and headers are untrusted input.
-    expected = sign(body, secret).encode()
-    return hmac.compare_digest(expected, header.encode("utf-8", "surrogateescape"))
-
-
-def encode_event(event: str, **fields: Any) -> bytes:
-    """Return the compact, key-sorted JSON body {"event": event, ...fields}."""
-    payload = {"event": event, **fields}
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def backoff_delay(

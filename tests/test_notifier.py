@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
 from policyd.main import build_runtime, services
-from policyd.notifications import Notifier
-from policyd.store import notifications as outbox
+from policyd.notifier import Notifier
+from policyd.store import outbox
 from policyd.timeutil import parse_iso, utcnow
 from tests.conftest import Daemon, outbound, start_daemon
 from tests.hookserver import HookReceiver, notifier_running

@@ -1,11 +1,19 @@
 """The notification outbox: written in the transaction that causes the event."""
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
-from policyd.notify import encode_event
 from policyd.timeutil import iso, iso_precise, utcnow
+
+
+def encode_event(event: str, **fields: Any) -> bytes:
+    """The body a partner receives: compact, key-sorted JSON {"event": event, ...fields}."""
+    payload = {"event": event, **fields}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
 
 # next_attempt_at is written and compared with microseconds (iso_precise), so a retry due in
 # 0.3 s is not taken as due at once; every writer and reader of it must use the same format.

@@ -1,6 +1,6 @@
 """Delivery of the notification outbox: signed POSTs, retried with backoff, never blocking.
 
-The outbox row is written in the transaction that causes the event (policyd.store.notifications);
+The outbox row is written in the transaction that causes the event (policyd.store.outbox);
 this task delivers it later, so a slow or failing partner endpoint never delays an API request
 or a policy reply, and nothing is lost across restarts.
 """
@@ -14,15 +14,16 @@ from datetime import timedelta
 import aiohttp
 
 from policyd.metrics import Metrics
-from policyd.notify import DeliveryError, backoff_delay, deliver
+from policyd.partner_webhook import DeliveryError, backoff_delay, deliver
 from policyd.store import Store
-from policyd.store import notifications as outbox
+from policyd.store import outbox
 from policyd.timeutil import iso, iso_precise, parse_iso, utcnow
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 20
 BATCH = 100
 NEVER = timedelta(days=3650)  # a given-up notification stays in the outbox for operators
+JOB = "notify"  # the delivery rounds' name in the policyd_job_* metrics
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
 
@@ -48,12 +49,16 @@ class Notifier:
 
     async def run(self, interval: float) -> None:
         """Deliver until cancelled: when woken, when a retry falls due, at least every interval."""
+        self._metrics.jobs_scheduled([JOB])
         while True:
             await self._sleep(interval)
             try:
                 await self.deliver_due()
             except Exception as exc:  # keep the loop alive; the next round retries
+                self._metrics.job_failed(JOB)
                 log.error("notification delivery round failed: %r", exc)
+            else:  # a round whose deliveries failed still ran: those count per outcome
+                self._metrics.job_succeeded(JOB)
 
     async def _sleep(self, interval: float) -> None:
         """Wait for a wake-up, the next due retry, or interval, whichever comes first."""
