@@ -131,8 +131,9 @@ async def list_keys(request: web.Request) -> web.Response:
     rt, scope = runtime_of(request), scope_of(request)
     limit, offset = page(request)
     partner = request.query.get("partner_id")
-    if partner is not None and not _decimal(partner):
-        raise Invalid("partner_id must be an integer")
+    if partner is not None and not (_decimal(partner) and int(partner) >= 1):
+        # ?partner_id=0 used to read as "no filter" and list every partner's keys
+        raise Invalid("partner_id must be a positive integer")
     rows = await rt.store.read(store.list_keys, scope, int(partner) if partner else None,
                                limit + 1, offset)
     return web.json_response(paged([render_key(k) for k in rows], limit, offset))

@@ -15,7 +15,7 @@ from tests.conftest import Daemon
 
 PASSWORD = "correct-horse-9"
 PUBLIC = {("GET", "/health"), ("POST", "/webhooks/ses"), ("GET", "/portal"),
-          ("GET", "/portal/{file}")}
+          ("GET", "/portal/{file}"), ("GET", "/openapi.json")}
 MASTER_ONLY = {
     ("POST", "/partners"), ("GET", "/partners"), ("GET", "/partners/{id}"),
     ("PUT", "/partners/{id}"), ("DELETE", "/partners/{id}"),
