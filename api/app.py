@@ -11,7 +11,7 @@ from aiohttp import web, web_protocol, web_server
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_request import BaseRequest
 
-from api import domains, mailboxes, openapi, outbound, system, tenancy, webhooks
+from api import domains, mailboxes, openapi, outbound, senders, system, tenancy, webhooks
 from api.common import MASTER_TOKEN, RUNTIME, SCOPE_KEY, error_response
 from policyd.errors import PolicydError, Unauthorized
 from policyd.runtime import Runtime
@@ -30,7 +30,7 @@ def routes() -> list[web.AbstractRouteDef]:
     """The whole route table, in one place."""
     return [
         *system.ROUTES, *domains.ROUTES, *outbound.ROUTES, *mailboxes.ROUTES, *tenancy.ROUTES,
-        *webhooks.ROUTES, *openapi.ROUTES,
+        *senders.ROUTES, *webhooks.ROUTES, *openapi.ROUTES,
     ]
 
 

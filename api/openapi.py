@@ -235,6 +235,24 @@ SCHEMAS: dict[str, Schema] = {
     "Quota": obj({"email": ADDRESS, "quota_bytes": null(integer(0)),
                   "used_bytes": null(integer(0))}),
     "QuotaUpdate": obj({"quota_bytes": null(integer(0))}),
+    "Sender": obj({
+        "email": ADDRESS, "hourly_limit": LIMIT, "daily_limit": LIMIT,
+        "sent_hour": COUNT, "sent_today": COUNT, "status": {"enum": ["active", "locked"]},
+        "locked_reason": {"enum": ["distinct_ips", "manual", None]},
+        "locked_at": null(TIME)}, description="Limits are effective: the sender's own, "
+                                               "or the [senders] default."),
+    "SenderUpdate": obj({
+        "hourly_limit": null(integer(0, 10**9)), "daily_limit": null(integer(0, 10**9)),
+        "status": {"enum": ["active", "locked"]},
+        **{f: {"description": "read-only: accepted so a GET can be PUT back, ignored"}
+           for f in ("email", "sent_hour", "sent_today", "locked_reason", "locked_at")}}, [],
+        description="Partial update. A limit of null goes back to the [senders] default; a "
+                    "client may not set one above a limited default (403). status locked "
+                    "locks by hand; active unlocks and forgets the addresses seen (a lock the "
+                    "master made only the master lifts)."),
+    "SenderUse": obj({"email": ADDRESS, "sent_hour": COUNT, "sent_today": COUNT,
+                      "status": {"enum": ["active", "locked"]}}),
+    "SenderPage": page("SenderUse"),
     "Alias": obj({"source": {"type": "string", "description": "an address, or @domain"},
                   "domain": DOMAIN, "destinations": {"type": "array", "items": ADDRESS},
                   "catch_all": {"type": "boolean"}, "created_at": TIME}),
@@ -449,6 +467,14 @@ OPERATIONS: dict[Pair, Op] = {
     ("GET", "/users/{email}/quota"): op("Mailbox quota", "mailboxes", "Quota", errors=NAMED),
     ("PUT", "/users/{email}/quota"): op("Set the mailbox quota", "mailboxes", "Quota",
                                         body="QuotaUpdate", errors=NAMED),
+    ("GET", "/users/{email}/outbound"): op("A sender's limits, use and lock (SPEC §9)",
+                                           "senders", "Sender", errors=NAMED),
+    ("PUT", "/users/{email}/outbound"): op(
+        "Set a sender's limits, lock or unlock it", "senders", "Sender", body="SenderUpdate",
+        body_required=False, errors=(*NAMED, 403)),
+    ("GET", "/domains/{name}/senders"): op(
+        "The domain's senders that sent today or are locked, most sent first", "senders",
+        "SenderPage", query=PAGED, errors=NAMED),
     ("POST", "/aliases/"): op("Create an alias or catch-all", "aliases", "Alias", status=201,
                               body="AliasCreate", errors=(400, 403, 404, 409)),
     ("GET", "/aliases/"): op("List aliases", "aliases", "AliasPage",

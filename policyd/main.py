@@ -123,7 +123,12 @@ def start_replication_monitor(rt: Runtime) -> asyncio.Task[None] | None:
 async def start_policy(rt: Runtime) -> PolicyServer:
     """Start the policy server on [policy] listen."""
     cfg = rt.config.policy
-    service = PolicyService(rt.store, cfg, rt.periods, rt.metrics, rt.config.senders)
+    def wake_notifier() -> None:  # a lock's sender_locked notification is in the outbox
+        if rt.notifier is not None:
+            rt.notifier.wake()
+
+    service = PolicyService(rt.store, cfg, rt.periods, rt.metrics, rt.config.senders,
+                            on_locked_reply=wake_notifier)
     server = PolicyServer(service.handle, host=cfg.listen[0], port=cfg.listen[1],
                           idle_timeout=cfg.idle_timeout, max_connections=cfg.max_connections,
                           on_count=rt.metrics.connections.set,

@@ -8,6 +8,7 @@ from typing import Any
 from policyd import feedback, policy
 from policyd.errors import Forbidden, Invalid, NotFound
 from policyd.store import counters
+from policyd.store import senders as sender_store
 from policyd.store.domains import Domain, OutboundPatch, get_domain, patch_outbound
 from policyd.store.changes import audit
 from policyd.store.scope import Scope
@@ -220,6 +221,7 @@ def close_periods(conn: sqlite3.Connection, kind: str, today: str, this_month: s
         result["frozen_months"] = counters.freeze_months(conn, this_month, now)
         result["pruned_history"] = counters.prune_history(conn, oldest_month)
         counters.close_days(conn, today)
+    sender_store.close_ended_days(conn, today)
     if audited_by is not None:
         audit(conn, audited_by, f"outbound.reset_{name}", None, None, result)
     return result

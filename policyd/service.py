@@ -36,8 +36,11 @@ class PolicyService:
     """Turns one parsed request into one reply, within the time budget."""
 
     def __init__(self, store: Store, config: PolicyConfig, periods: Periods,
-                 metrics: Metrics, senders: SendersConfig = NO_SENDERS) -> None:
+                 metrics: Metrics, senders: SendersConfig = NO_SENDERS,
+                 on_locked_reply: Callable[[], None] | None = None) -> None:
         self._store = store
+        # after a locked sender's reply went out (its lock committed): e.g. wake the notifier
+        self._on_locked_reply = on_locked_reply or (lambda: None)
         self._config = config
         self._metrics = metrics
         self._options = JobOptions(config.count_at, config.suspended_inbound, periods,
@@ -75,6 +78,8 @@ class PolicyService:
         try:
             if not outbound and decision.reason != "inbound_suspended":
                 self._accepted(req)
+            elif decision.reason == "sender_locked":
+                self._on_locked_reply()
             self._observe(req, peer, decision.action, decision.reason, started)
             return format_reply(decision.action)
         except Exception as exc:  # a bug must still get Postfix an answer

@@ -22,7 +22,9 @@ SYSTEM = Scope(actor="system:senders")  # who locks a login seen from too many a
 _LOGIN_COLUMNS = {
     "mailbox_id": "m.id", "email": "m.email", "partner_id": "d.partner_id",
     "domain": "d.name", "hourly_limit": "s.hourly_limit", "daily_limit": "s.daily_limit",
-    "locked": "coalesce(s.status = 'locked', 0)", "epoch": "coalesce(s.unlocked_at, '')",
+    "locked": "coalesce(s.status = 'locked', 0)",
+    # addresses seen before its last unlock, or before the mailbox was (re)created, are void
+    "epoch": "m.created_at || '|' || coalesce(s.unlocked_at, '')",
     "sent_hour": "coalesce(ch.sent, 0)", "sent_today": "coalesce(cd.sent, 0)",
 }
 _LOGINS = (
@@ -38,7 +40,7 @@ _LOGINS = (
 @dataclass(frozen=True, slots=True)
 class LoginFound:
     """A hosted login as stored: its own limits (None = the [senders] default), lock, the
-    epoch its lock memory starts at (its last unlock), and its counts."""
+    epoch its address memory starts at (its creation or last unlock), and its counts."""
 
     mailbox_id: int
     email: str
@@ -77,11 +79,10 @@ def add_counts(conn: sqlite3.Connection, counts: list[tuple[int, str, str, int]]
                                         for m, hour, day, n in counts]),))
 
 
-def close_ended(conn: sqlite3.Connection, hour: str, day: str) -> int:
-    """Delete the counters of ended hours and days (nothing reads them again)."""
-    return conn.execute(
-        "DELETE FROM sender_counters WHERE (kind = 'hour' AND period < ?) "
-        "OR (kind = 'day' AND period < ?)", (hour, day)).rowcount
+def close_ended_days(conn: sqlite3.Connection, today: str) -> int:
+    """Delete the hour and day counters of ended days (nothing reads them again; the
+    running day's ended hours go with it at its end)."""
+    return conn.execute("DELETE FROM sender_counters WHERE period < ?", (today,)).rowcount
 
 
 # --- locks -------------------------------------------------------------------------------
@@ -167,9 +168,9 @@ def get_sender(conn: sqlite3.Connection, scope: Scope, email: str, hour: str,
 _KEEP: Any = object()
 
 
-def update_sender(conn: sqlite3.Connection, scope: Scope, email: str, *,
+def update_sender(conn: sqlite3.Connection, scope: Scope, email: str, hour: str, day: str, *,
                   hourly_limit: int | None = _KEEP, daily_limit: int | None = _KEEP,
-                  status: str | None = None, hour: str, day: str) -> Sender:
+                  status: str | None = None) -> Sender:
     """Set a login's own limits (None: back to the default) and lock or unlock it by hand;
     unlocking forgets the addresses seen. Audited when the master changes it; a lock is
     always audited and notified. A lock the master made only the master lifts."""
