@@ -156,8 +156,8 @@ def decide(
     locked_reply: str = "reject",
     outbound: bool,
 ) -> Decision:
-    """Decide one request per SPEC §6 and §9 (outbound: the domain's checks in table order,
-    then the login's lock and limits, then the domain's quota)."""
+    """Decide one request per SPEC §6 and §9 (outbound: a locked login first, then the
+    domain's checks in table order, the login's limits, and the domain's quota)."""
     if count_at not in COUNT_AT_CHOICES:
         raise ValueError(f"count_at must be one of {', '.join(COUNT_AT_CHOICES)}")
     count_rank = _STATE_RANK[count_at]
@@ -176,12 +176,12 @@ def _outbound(req: PolicyRequest, facts: Facts, rank: int, count_rank: int,
     domain = facts.sender
     if domain is None:
         return _not_hosted(req.sender_domain)
+    login = facts.login
+    if login is not None and login.locked:  # the account first: whatever its domain's state
+        return _locked(login, locked_reply)
     refusal = _refusal(domain, facts)
     if refusal is not None:
         return refusal
-    login = facts.login
-    if login is not None and login.locked:
-        return _locked(login, locked_reply)
     if rank > count_rank:
         # Already counted at count_at for this message: checking again would count it twice.
         return _ALLOWED_UNCOUNTED

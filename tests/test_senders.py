@@ -64,8 +64,10 @@ def _decide(login: SenderFacts | None, *, state: str = "END-OF-MESSAGE", rcpt: i
     (SenderFacts(BOB, locked=True), {"locked_reply": "hold"}, "HOLD Sender", "sender_locked",
      0),
     (SenderFacts(BOB, locked=True), {"state": "RCPT"}, "REJECT 5.7.1", "sender_locked", 0),
-    # the domain's own checks come first ...
+    # a locked login first, whatever its domain's state; then the domain's own checks ...
     (SenderFacts(BOB, 0, None, locked=True), {"domain": replace(HOSTED, status="suspended")},
+     "REJECT 5.7.1 Sender", "sender_locked", 0),
+    (SenderFacts(BOB, 0, None), {"domain": replace(HOSTED, status="suspended")},
      "DEFER 4.7.1 Domain", "suspended", 0),
     (SenderFacts(BOB, 0, None), {"domain": replace(HOSTED, ses_status="pending")},
      "REJECT 5.7.1 Sender domain", "ses_unverified", 0),
