@@ -13,6 +13,9 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from policyd.config import load_config
+from policyd.store import connect, counters
+from policyd.store import domains as domain_store
+from policyd.timeutil import Periods, utcnow
 from tests.conftest import MASTER, write_config
 from tests.ports import free_port
 
@@ -125,3 +128,16 @@ async def serving(config: Path) -> AsyncIterator[DaemonProcess]:
             proc.kill()
         await proc.wait()
         await daemon.drain
+
+
+def sent_today(db_path: Path, domain: str) -> int:
+    """A domain's counter for today, read straight from a database file (of a daemon that
+    may be dead)."""
+    conn = connect(db_path, readonly=True)
+    try:
+        found = domain_store.find_domain(conn, domain)
+        assert found is not None
+        day, month = Periods("UTC").keys(utcnow())
+        return counters.totals(conn, found.id, day, month).sent_today
+    finally:
+        conn.close()

@@ -19,12 +19,10 @@ import pytest
 
 from policyd.ses import SesStatus
 from policyd.sesflow import _store_status
-from policyd.store import Store, connect, counters
-from policyd.store import domains as domain_store
+from policyd.store import Store
 from policyd.store.backup import SIDE_FILES
-from policyd.timeutil import Periods, utcnow
 from tests.conftest import outbound, request_bytes
-from tests.daemon_process import DaemonProcess, daemon_config, run_cli, serving
+from tests.daemon_process import DaemonProcess, daemon_config, run_cli, sent_today, serving
 
 DOMAIN = "backup.example"
 CLIENTS = 4
@@ -91,18 +89,6 @@ async def seed(daemon: DaemonProcess, db_path: Path) -> None:
         await store.close()
 
 
-def sent_today(db_path: Path) -> int:
-    """The domain's counter for today in a database file."""
-    conn = connect(db_path, readonly=True)
-    try:
-        domain = domain_store.find_domain(conn, DOMAIN)
-        assert domain is not None
-        day, month = Periods("UTC").keys(utcnow())
-        return counters.totals(conn, domain.id, day, month).sent_today
-    finally:
-        conn.close()
-
-
 async def api_sent_today(daemon: DaemonProcess) -> int:
     status, body = await daemon.api("GET", f"/domains/{DOMAIN}/outbound")
     assert status == 200, body
@@ -155,7 +141,7 @@ async def test_backup_under_load_is_a_consistent_copy_that_restores(tmp_path: Pa
         assert (code, out) == (0, f"{dest}\n"), err
         assert load.other == []
         assert await api_sent_today(daemon) == load.dunno  # every DUNNO counted, once
-        copied = sent_today(dest)
+        copied = sent_today(dest, DOMAIN)
         assert before <= copied <= by_end + CLIENTS, (before, copied, by_end)
         # mail after the backup, which the restore must take back
         assert await ask(daemon, 5) == [b"action=DUNNO\n\n"] * 5

@@ -8,9 +8,7 @@ most as many more as there were requests still unanswered at the kill.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -19,72 +17,22 @@ import pytest
 
 from policyd.ses import SesStatus
 from policyd.sesflow import _store_status
-from policyd.store import Store, connect
-from policyd.store import counters
-from policyd.store import domains as domain_store
-from policyd.timeutil import Periods, utcnow
-from tests.conftest import MASTER, outbound, request_bytes, write_config
-from tests.ports import free_port
+from policyd.store import Store
+from tests.conftest import MASTER, outbound, request_bytes
+from tests.daemon_process import DaemonProcess, daemon_config, sent_today, serving
 
 pytestmark = pytest.mark.slow  # a stress test: `pytest -m "not slow"` skips it
 
 DOMAIN = "crash.example"
 CLIENTS = 8
 KILL_AFTER = 300  # DUNNO replies before the kill
-START_WAIT = 30.0  # bound on the daemon's start (never reached when all is well)
-
-
-class DaemonProcess:
-    """`policyd serve` as a child process, its log drained (it logs every decision)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, policy_port: int, api_port: int):
-        self.proc, self.policy_port, self.api_port = proc, policy_port, api_port
-        self.listening = {"policy server listening": asyncio.Event(),
-                          "API listening": asyncio.Event()}
-        self.drain = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            for marker, event in self.listening.items():
-                if marker.encode() in line:
-                    event.set()
-
-    async def started(self) -> None:
-        """Wait until both servers listen, or fail if the process exits first."""
-        ready = asyncio.gather(*(e.wait() for e in self.listening.values()))
-        exited = asyncio.create_task(self.proc.wait())
-        done, _ = await asyncio.wait({ready, exited}, timeout=START_WAIT,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        exited.cancel()
-        assert ready in done, f"daemon did not start (exit code {self.proc.returncode})"
 
 
 @pytest.fixture
 async def daemon_process(tmp_path: Path) -> AsyncIterator[DaemonProcess]:
     """A real `policyd serve` on free ports and a database in tmp_path."""
-    policy_port, api_port = free_port(), free_port()
-    config = write_config(tmp_path / "policyd.ini", {
-        "database": {"path": str(tmp_path / "policyd.sqlite3")},
-        "policy": {"listen": f"127.0.0.1:{policy_port}"},
-        "api": {"listen": f"127.0.0.1:{api_port}"},
-        "auth": {"master_token": MASTER},
-        "ses": {"auto_verify": "false", "endpoint_url": "http://127.0.0.1:9"},
-        "scheduler": {"enabled": "false"},
-    })
-    env = {k: v for k, v in os.environ.items() if k != "POLICYD_MASTER_TOKEN"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "policyd", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
-    daemon = DaemonProcess(proc, policy_port, api_port)
-    try:
-        await daemon.started()
+    async with serving(daemon_config(tmp_path, tmp_path / "policyd.sqlite3")) as daemon:
         yield daemon
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        await daemon.drain
 
 
 async def seed_domain(daemon: DaemonProcess, db_path: Path) -> None:
@@ -136,18 +84,6 @@ class Load:
             writer.close()
 
 
-def sent_today(db_path: Path) -> int:
-    """The domain's counter for today, read from the file the dead daemon left."""
-    conn = connect(db_path, readonly=True)
-    try:
-        domain = domain_store.find_domain(conn, DOMAIN)
-        assert domain is not None
-        day, month = Periods("UTC").keys(utcnow())
-        return counters.totals(conn, domain.id, day, month).sent_today
-    finally:
-        conn.close()
-
-
 async def test_kill_9_under_load_loses_no_dunno_increment(daemon_process: DaemonProcess,
                                                            tmp_path: Path) -> None:
     db_path = tmp_path / "policyd.sqlite3"
@@ -158,6 +94,6 @@ async def test_kill_9_under_load_loses_no_dunno_increment(daemon_process: Daemon
     assert load.other == []
     assert load.dunno >= KILL_AFTER
     assert load.in_flight <= CLIENTS
-    counted = sent_today(db_path)
+    counted = sent_today(db_path, DOMAIN)
     assert load.dunno <= counted <= load.dunno + load.in_flight, (counted, load.dunno)
 
