@@ -88,3 +88,15 @@ def test_replication_units_verify_beside_the_daemon(tmp_path: Path) -> None:
     status, about_us = verify(copies, tmp_path)
     assert about_us == []
     assert status == 0
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_replication_units_keep_the_state_directory_the_daemons(name: str) -> None:
+    # systemd chowns a StateDirectory= recursively to the unit's User:Group whenever they
+    # differ: another group would take the database away from Postfix (group postfix).
+    daemon = parse_unit(UNIT_DIR / "policyd.service")
+    unit = parse_unit(UNIT_DIR / name)
+    assert values(unit, "Service", "StateDirectory") == values(daemon, "Service",
+                                                               "StateDirectory")
+    for key in ("User", "Group"):
+        assert values(unit, "Service", key) == values(daemon, "Service", key), key
