@@ -32,10 +32,15 @@ sys.path.insert(0, str(REPO))
 
 from policyd.store import Store  # noqa: E402
 from policyd.store import domains as domain_store  # noqa: E402
+from policyd.store import mailboxes as mailbox_store  # noqa: E402
 from policyd.store.scope import MASTER  # noqa: E402
 
 TOOLS = Path(os.environ.get("POLICYD_TOOLS", "/work/shared/tools"))
 DOMAINS = 1000
+LOGINS = 97  # policyload sends as user{i % 97}@dJ.test: with --senders, each is a mailbox
+# [senders] of the senders mode: limits high enough never to refuse (the check still runs),
+# the lock on (every login is tracked; the load comes from one client address)
+SENDERS = "[senders]\nhourly_limit = 1000000000\ndaily_limit = 1000000000\nlock_distinct_ips = 5\n"
 
 
 @dataclass(frozen=True)
@@ -54,28 +59,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _seed_rows(conn: Any, count: int) -> int:
+def _seed_rows(conn: Any, count: int, logins: int) -> int:
     for i in range(count):
         name = f"d{i}.test"
         domain_store.create_domain(conn, MASTER, name, None, "unlimited", (None, None))
         domain_store.set_ses(conn, name, status="success", dkim_status="Success",
                              token="tok", dkim_tokens=("a", "b", "c"))
+        for n in range(logins):  # a fixed hash: nobody logs in, the policy only looks it up
+            mailbox_store.create_mailbox(conn, MASTER, f"user{n}", name,
+                                         {"password_hash": "{BLF-CRYPT}$2b$04$bench"})
     return count
 
 
-async def seed(db: Path, count: int) -> None:
-    """Create count verified, unlimited domains in one write transaction through the store."""
+async def seed(db: Path, count: int, logins: int = 0) -> None:
+    """Create count verified, unlimited domains (and logins mailboxes in each) in one write
+    transaction through the store."""
     store = Store(db)
     await store.open()
     try:
-        await store.write(_seed_rows, count)
+        await store.write(_seed_rows, count, logins)
     finally:
         await store.close()
 
 
 def write_config(workdir: Path, policy_port: int, log_decisions: bool,
-                 name: str = "policyd") -> Path:
-    """A config on workdir's database; everything else is the built-in default but ports."""
+                 name: str = "policyd", extra: str = "") -> Path:
+    """A config on workdir's database; everything else is the built-in default but ports
+    (and extra sections)."""
     path = workdir / f"{name}-{'log' if log_decisions else 'nolog'}.ini"
     path.write_text(
         f"[database]\npath = {workdir / 'policyd.sqlite3'}\n"
@@ -85,7 +95,7 @@ def write_config(workdir: Path, policy_port: int, log_decisions: bool,
         f"[auth]\nmaster_token = {secrets.token_urlsafe(24)}\n"
         # no AWS from a benchmark: SES off, and no scheduler polling it
         "[ses]\nauto_verify = false\nendpoint_url = http://127.0.0.1:9\n"
-        "[scheduler]\nenabled = false\n", encoding="utf-8")
+        "[scheduler]\nenabled = false\n" + extra, encoding="utf-8")
     return path
 
 
@@ -213,6 +223,10 @@ def main() -> None:
     p.add_argument("--baseline", metavar="DIR",
                    help="also measure the policyd of another source tree (e.g. an unpacked "
                         "`git archive` of an older commit), same database and settings")
+    p.add_argument("--senders", action="store_true",
+                   help="also measure policyd with [senders] on, every login a mailbox "
+                        "(policyd-senders): per-login limits checked and counted, the lock "
+                        "tracking addresses")
     p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = p.parse_args()
@@ -229,8 +243,10 @@ def main() -> None:
 def run(a: argparse.Namespace, workdir: Path) -> None:
     """Seed, start the servers, measure, print and write the results."""
     started = time.perf_counter()
-    asyncio.run(seed(workdir / "policyd.sqlite3", DOMAINS))
-    print(f"seeded {DOMAINS} domains in {time.perf_counter() - started:.2f} s", flush=True)
+    logins = LOGINS if a.senders else 0
+    asyncio.run(seed(workdir / "policyd.sqlite3", DOMAINS, logins))
+    print(f"seeded {DOMAINS} domains ({logins} mailboxes each) in "
+          f"{time.perf_counter() - started:.2f} s", flush=True)
     port = free_port()
     targets = [Target("null", [sys.executable, str(TOOLS / "nullpolicy.py"), "--port",
                                str(port)], port)]
@@ -242,6 +258,12 @@ def run(a: argparse.Namespace, workdir: Path) -> None:
             config = write_config(workdir, port, log_decisions, name)
             label = name if log_decisions else f"{name}-nolog"
             targets.append(Target(label, serve_argv(config, tree), port))
+    if a.senders:
+        for log_decisions in modes:
+            port = free_port()
+            config = write_config(workdir, port, log_decisions, "senders", SENDERS)
+            label = "policyd-senders" if log_decisions else "senders-nolog"
+            targets.append(Target(label, serve_argv(config, None), port))
     points = [int(c) for c in a.connections.split(",")]
     runs = list(measure(targets, workdir, points, a.duration, a.procs_at_100, a.rounds))
     rows = table(runs)

@@ -36,7 +36,9 @@ from policyd.store.senders import LoginFound
 from policyd.timeutil import Periods, iso, utcnow
 
 log = logging.getLogger(__name__)
-MAX_CACHED = 50_000  # domains or logins kept between batches (hosted or not); past it, start over
+# Facts kept between batches (hosted or not); past either bound, that cache starts over.
+MAX_CACHED_DOMAINS = 50_000
+MAX_CACHED_LOGINS = 250_000  # a small entry each; a platform's logins outnumber its domains
 NO_SENDERS = SendersConfig(None, None, 0, 3600.0, "reject")
 
 
@@ -59,6 +61,7 @@ class PolicyJob:
     outbound: bool
     options: JobOptions
     recipients: tuple[str, ...] = ()  # inbound: recipient domains accepted at RCPT
+    login: str = ""  # the SASL login as a mailbox address is stored (login_of), or ''
 
     def domains(self) -> tuple[str, ...]:
         """Every domain whose facts the decision may need."""
@@ -69,13 +72,15 @@ class PolicyJob:
             return self.recipients
         return (req.recipient_domain,)
 
-    def login(self) -> str:
-        """The SASL login as a mailbox address is stored (matched as addresses are), or ''."""
-        req = self.req
-        if not self.outbound or not req.sasl_domain:
-            return ""
-        local, _, _ = req.sasl_username.rpartition("@")
-        return f"{local}@{req.sasl_domain}" if local else ""
+
+
+def login_of(req: PolicyRequest) -> str:
+    """The SASL login as a mailbox address is stored (matched as addresses are), or ''."""
+    login = req.sasl_username  # lowercased: a plain ASCII address is already in stored form
+    if not req.sasl_domain or (login.isascii() and not login.endswith(".")):
+        return login if req.sasl_domain else ""
+    local, _, _ = login.rpartition("@")
+    return f"{local}@{req.sasl_domain}" if local else ""
 
 
 class PolicyBatch:
@@ -98,16 +103,18 @@ class PolicyBatch:
         options = jobs[0].options
         now = options.now()
         (day, month), hour = options.periods.keys(now), options.periods.hour(now)
-        if (not continued or (day, month, hour) != self._period
-                or len(self._domains) > MAX_CACHED or len(self._logins) > MAX_CACHED):
+        if not continued or (day, month, hour) != self._period:
             self._domains.clear()  # something else wrote, or a new hour: read all again
             self._logins.clear()
             self._period = (day, month, hour)
+        if len(self._domains) > MAX_CACHED_DOMAINS:
+            self._domains.clear()
+        if len(self._logins) > MAX_CACHED_LOGINS:
+            self._logins.clear()
         self._read_missing(conn, jobs, day, month, hour)
         ledger = _Ledger(self._domains, self._logins, day, month, hour,
                          self._lock_watch(options.senders), now)
-        results: list[Decision | Exception] = [ledger.decide(i, job)
-                                               for i, job in enumerate(jobs)]
+        results = ledger.decide_all(jobs)
         for reason in ledger.write(conn, results):
             self._on_lock(reason)
         ledger.settle()  # the counts are in: what is kept includes them (dropped if no commit)
@@ -117,7 +124,7 @@ class PolicyBatch:
                       month: str, hour: str) -> None:
         domains, logins = self._domains, self._logins
         missing = [name for job in jobs for name in job.domains() if name and name not in domains]
-        names = [name for name in map(PolicyJob.login, jobs) if name and name not in logins]
+        names = [job.login for job in jobs if job.login and job.login not in logins]
         if missing or names:
             self.reads += 1
         if missing:
@@ -164,11 +171,18 @@ class _Ledger:
         self._counted: list[_Count] = []  # every count, to undo one job's alone
         self._locks: dict[str, int] = {}  # login -> distinct addresses, locked in this batch
 
-    def decide(self, index: int, job: PolicyJob) -> Decision | Exception:
-        """Decide one job, counting to the ledger; a failure fails this job alone."""
+    def decide_all(self, jobs: list[PolicyJob]) -> list[Decision | Exception]:
+        """Decide the jobs in order, counting to the ledger; a failure fails its job alone."""
+        try:  # one try for the run: the hot path pays nothing per job for it
+            return [_decide_job(job, i, self) for i, job in enumerate(jobs)]
+        except Exception:  # a bug: start over job by job, so that only its job fails
+            self._undo(lambda count: True)
+            return [self._decide_one(i, job) for i, job in enumerate(jobs)]
+
+    def _decide_one(self, index: int, job: PolicyJob) -> Decision | Exception:
         try:
             return _decide_job(job, index, self)
-        except Exception as exc:  # a bug: logged, and the job gets the on_error reply
+        except Exception as exc:  # logged, and the job gets the on_error reply
             log.exception("policy decision failed")
             self._undo(lambda count: count[0] == index)
             return exc
@@ -187,7 +201,7 @@ class _Ledger:
     def login(self, job: PolicyJob) -> SenderFacts | None:
         """The job's login as the decision sees it (None: no hosted mailbox), after noting
         the address it came from (which may lock it)."""
-        name = job.login()
+        name = job.login
         found = self._logins.get(name) if name else None
         if found is None:
             return None
@@ -360,7 +374,7 @@ _NOT_HOSTED = Facts()
 
 def _outbound(job: PolicyJob, index: int, ledger: _Ledger) -> Decision:
     req = job.req
-    login = ledger.login(job)  # first: every login seen counts towards its lock
+    login = ledger.login(job) if job.login else None  # first: every login seen may lock it
     found = ledger.domain(req.sender_domain) if req.sender else None
     if found is None:
         return _decide(req, _NOT_HOSTED, job.options, True)

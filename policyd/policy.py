@@ -43,9 +43,12 @@ class Usage:
 
     def plus(self, count: int, nbytes: int) -> Usage:
         """This usage with (count, nbytes) counted, as the store counts: held at COUNTER_MAX."""
-        return Usage(min(self.sent_today + count, COUNTER_MAX),
-                     min(self.sent_month + count, COUNTER_MAX),
-                     min(self.bytes_month + nbytes, COUNTER_MAX))
+        today, month, nbytes = (self.sent_today + count, self.sent_month + count,
+                                self.bytes_month + nbytes)
+        if month > COUNTER_MAX or nbytes > COUNTER_MAX:  # (the hot path: almost never)
+            today, month = min(today, COUNTER_MAX), min(month, COUNTER_MAX)
+            nbytes = min(nbytes, COUNTER_MAX)
+        return Usage(today, month, nbytes)
 
 
 NO_USAGE = Usage()
@@ -230,7 +233,7 @@ def domain_refusal(d: DomainFacts) -> str | None:
     """Why a hosted domain may not send at all, in SPEC §6 order (a reason), or None."""
     if d.status != "active":
         return "suspended"
-    if not d.ses_verified:
+    if not ses_verified(d.ses_status, d.parent_ses_status):
         return "ses_unverified"
     if d.out_status != "active":
         return "blocked" if d.out_status == "blocked" else "out_suspended"
@@ -255,7 +258,7 @@ def _refusal(d: DomainFacts, facts: Facts) -> Decision | None:
 
 def _quota(req: PolicyRequest, usage: Usage, d: DomainFacts, *, counting: bool) -> Decision:
     count, nbytes = message_units(req)
-    _, reason = quota_verdict(usage, count, nbytes, d)
+    reason = over_limit(usage, count, nbytes, d)  # (quota_verdict's rule, without its tuple)
     if not counting:  # the same check, "would it fit if counted now", counting nothing
         if reason is None:
             return _ALLOWED_UNCOUNTED

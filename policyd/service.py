@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from policyd import policy
-from policyd.batch import NO_SENDERS, JobOptions, PolicyBatch, PolicyJob
+from policyd.batch import NO_SENDERS, JobOptions, PolicyBatch, PolicyJob, login_of
 from policyd.config import PolicyConfig, SendersConfig
 from policyd.metrics import Metrics
 from policyd.policy import Decision
@@ -66,7 +66,8 @@ class PolicyService:
 
         try:
             self._store.submit_batched(self.batch,
-                                       PolicyJob(req, outbound, self._options, recipients),
+                                       PolicyJob(req, outbound, self._options, recipients,
+                                                 login_of(req) if outbound else ""),
                                        done, budget=self._config.time_budget)
         except Exception as exc:  # the store is closed
             done(None, exc)

@@ -138,3 +138,17 @@ async def test_a_request_whose_counting_fails_fails_alone(store: Store) -> None:
     assert (await submit_batched(store, batch, _job("a@fine.example"))).action == "DUNNO"
     assert (await store.read(counters.totals, fine, day, month)).sent_today == 4
     assert batch.reads == 1
+
+
+async def test_a_request_whose_decision_raises_fails_alone(store: Store) -> None:
+    fine = await store.write(_domain, "fine.example")
+    broken = JobOptions("NOT-A-STATE", "hold", Periods("UTC"))  # decide() raises ValueError
+    bad = PolicyJob(_job("x@fine.example").req, True, broken)
+    jobs = [_job("a@fine.example"), bad, _job("b@fine.example")]
+    batch = PolicyBatch()  # one batch function: the three run in one call
+    results = await asyncio.gather(*(submit_batched(store, batch, job) for job in jobs),
+                                   return_exceptions=True)
+    assert isinstance(results[1], ValueError), results
+    assert [r.action for r in (results[0], results[2])] == ["DUNNO", "DUNNO"]  # type: ignore
+    day, month = OPTIONS.periods.keys(OPTIONS.now())
+    assert (await store.read(counters.totals, fine, day, month)).sent_today == 2
