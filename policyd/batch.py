@@ -306,15 +306,17 @@ class _Ledger:
         """Fold this batch's counts and locks into the facts it was given."""
         for name in self._added:
             self._domains[name] = self.domain(name)
-        for name, n in self._login_added.items():
-            found = self._logins[name]
-            assert found is not None
-            self._logins[name] = replace(found, sent_hour=found.sent_hour + n,
-                                         sent_today=found.sent_today + n)
+        logins = self._logins
+        for name, n in self._login_added.items():  # (not dataclasses.replace: 5x slower)
+            f = logins[name]
+            assert f is not None
+            logins[name] = LoginFound(f.mailbox_id, f.email, f.partner_id, f.domain,
+                                      f.hourly_limit, f.daily_limit, f.locked, f.epoch,
+                                      f.sent_hour + n, f.sent_today + n)
         for name in self._locks:
-            found = self._logins[name]
-            assert found is not None
-            self._logins[name] = replace(found, locked=True)
+            f = logins[name]
+            assert f is not None
+            logins[name] = replace(f, locked=True)  # (rare)
         self._added, self._login_added, self._counted, self._locks = {}, {}, [], {}
 
     def _undo(self, match: Callable[[_Count], bool]) -> None:

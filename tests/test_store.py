@@ -203,3 +203,36 @@ async def test_wal_starts_over_under_steady_writes(store: Store) -> None:
     # one sequence number per start of the WAL: the first, and one after most checkpoints
     # (beside the writes alone: one or two in all)
     assert len(restarts - {None}) > store.checkpoints // 2 + 1, (restarts, store.checkpoints)
+
+
+def test_sender_counts_add_up_across_statement_chunks(tmp_path: Path) -> None:
+    """add_counts writes many logins in chunks of MAX_VALUES_LOGINS: every login's hour and
+    day counter gets its own n, again on a second batch, and a huge n is held at the maximum."""
+    from policyd.store import open_and_migrate, senders
+    from policyd.policy import COUNTER_MAX
+
+    path = tmp_path / "senders.sqlite3"
+    open_and_migrate(path)
+    conn = connect(path)
+    conn.execute("INSERT INTO domains (name, out_tier, created_at, updated_at) "
+                 "VALUES ('a.test', 'free', 'now', 'now')")
+    count = 2 * senders.MAX_VALUES_LOGINS + 5
+    conn.executemany("INSERT INTO mailboxes (id, domain_id, local_part, email, password_hash, "
+                     "created_at, updated_at) VALUES (?, 1, ?, ?, 'x', 'now', 'now')",
+                     [(i, f"u{i}", f"u{i}@a.test") for i in range(1, count + 1)])
+    batch = [(i, "2026-12-04T10", "2026-12-04", i) for i in range(1, count + 1)]
+    senders.add_counts(conn, batch)
+    senders.add_counts(conn, batch)
+    senders.add_counts(conn, [(1, "2026-12-04T10", "2026-12-04", COUNTER_MAX + 7)])
+    rows = conn.execute("SELECT mailbox_id, kind, sent FROM sender_counters").fetchall()
+    assert len(rows) == 2 * count
+    for mailbox_id, _kind, sent in rows:
+        assert sent == (COUNTER_MAX if mailbox_id == 1 else 2 * mailbox_id)
+    last = f"u{count}@a.test"
+    found = senders.logins(conn, ["u2@a.test", last, "nobody@a.test"],
+                           "2026-12-04T10", "2026-12-04")
+    assert set(found) == {"u2@a.test", last}
+    assert found[last].sent_hour == 2 * count
+    assert found["u2@a.test"].sent_hour == found["u2@a.test"].sent_today == 4
+    assert found["u2@a.test"].domain == "a.test" and not found["u2@a.test"].locked
+    conn.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any, Iterable
 
 from policyd.errors import Forbidden
@@ -17,25 +18,6 @@ from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
 
 SYSTEM = Scope(actor="system:senders")  # who locks a login seen from too many addresses
-
-# What the hot path reads of a login: field name -> SQL expression (read back by name).
-_LOGIN_COLUMNS = {
-    "mailbox_id": "m.id", "email": "m.email", "partner_id": "d.partner_id",
-    "domain": "d.name", "hourly_limit": "s.hourly_limit", "daily_limit": "s.daily_limit",
-    "locked": "coalesce(s.status = 'locked', 0)",
-    # addresses seen before its last unlock, or before the mailbox was (re)created, are void
-    "epoch": "m.created_at || '|' || coalesce(s.unlocked_at, '')",
-    "sent_hour": "coalesce(ch.sent, 0)", "sent_today": "coalesce(cd.sent, 0)",
-}
-_LOGINS = (
-    "SELECT " + ", ".join(_LOGIN_COLUMNS.values()) + " FROM json_each(?3) AS names "
-    "JOIN mailboxes m ON m.email = names.value JOIN domains d ON d.id = m.domain_id "
-    "LEFT JOIN senders s ON s.mailbox_id = m.id "
-    "LEFT JOIN sender_counters ch ON ch.mailbox_id = m.id AND ch.kind = 'hour' "
-    "AND ch.period = ?1 "
-    "LEFT JOIN sender_counters cd ON cd.mailbox_id = m.id AND cd.kind = 'day' "
-    "AND cd.period = ?2")
-
 
 @dataclass(frozen=True, slots=True)
 class LoginFound:
@@ -54,29 +36,60 @@ class LoginFound:
     sent_today: int
 
 
+# What the hot path reads of a login: LoginFound's field -> SQL expression. The SELECT lists
+# them in the dataclass's field order, so a row builds a LoginFound positionally, whatever
+# the order written here (checked at import).
+_LOGIN_SQL = {
+    "mailbox_id": "m.id", "email": "m.email", "partner_id": "d.partner_id",
+    "domain": "d.name", "hourly_limit": "s.hourly_limit", "daily_limit": "s.daily_limit",
+    "locked": "coalesce(s.status = 'locked', 0)",
+    # addresses seen before its last unlock, or before the mailbox was (re)created, are void
+    "epoch": "m.created_at || '|' || coalesce(s.unlocked_at, '')",
+    "sent_hour": "coalesce(ch.sent, 0)", "sent_today": "coalesce(cd.sent, 0)",
+}
+_FIELDS = [f.name for f in fields(LoginFound)]
+assert sorted(_FIELDS) == sorted(_LOGIN_SQL), "every LoginFound field has its SQL"
+_LOGINS = (
+    "SELECT " + ", ".join(_LOGIN_SQL[name] for name in _FIELDS) +
+    " FROM json_each(?3) AS names "
+    "JOIN mailboxes m ON m.email = names.value JOIN domains d ON d.id = m.domain_id "
+    "LEFT JOIN senders s ON s.mailbox_id = m.id "
+    "LEFT JOIN sender_counters ch ON ch.mailbox_id = m.id AND ch.kind = 'hour' "
+    "AND ch.period = ?1 "
+    "LEFT JOIN sender_counters cd ON cd.mailbox_id = m.id AND cd.kind = 'day' "
+    "AND cd.period = ?2")
+
+
 def logins(conn: sqlite3.Connection, emails: Iterable[str], hour: str,
            day: str) -> dict[str, LoginFound]:
     """The hosted logins among emails (normalised addresses); the others are left out."""
     rows = conn.execute(_LOGINS, (hour, day, json.dumps(list(emails)))).fetchall()
-    found = (LoginFound(**dict(zip(_LOGIN_COLUMNS, r))) for r in rows)
+    found = (LoginFound(*r) for r in rows)  # columns in field order (see _LOGINS)
     return {login.email: login for login in found}
 
 
-_ADD = ("INSERT INTO sender_counters (mailbox_id, kind, period, sent) "
-        "SELECT row.value ->> 0, kind.name, row.value ->> (1 + kind.n), row.value ->> 3 "
-        "FROM json_each(?) AS row, "
-        "(SELECT 'hour' AS name, 0 AS n UNION ALL SELECT 'day', 1) AS kind WHERE true "
-        "ON CONFLICT (mailbox_id, kind, period) DO UPDATE SET sent = CASE "
-        f"WHEN sent > {COUNTER_MAX} - excluded.sent THEN {COUNTER_MAX} "
-        "ELSE sent + excluded.sent END")
+_UPSERT = (" ON CONFLICT (mailbox_id, kind, period) DO UPDATE SET sent = CASE "
+           f"WHEN sent > {COUNTER_MAX} - excluded.sent THEN {COUNTER_MAX} "
+           "ELSE sent + excluded.sent END")
+MAX_VALUES_LOGINS = 128  # more logins than this in one batch: one statement per chunk
+
+
+@lru_cache(maxsize=MAX_VALUES_LOGINS)
+def _add_values(count: int) -> str:
+    rows = ", ".join(["(?, 'hour', ?, ?), (?, 'day', ?, ?)"] * count)
+    return f"INSERT INTO sender_counters (mailbox_id, kind, period, sent) VALUES {rows}{_UPSERT}"
 
 
 def add_counts(conn: sqlite3.Connection, counts: list[tuple[int, str, str, int]]) -> None:
     """Add (mailbox id, hour, day, messages) to the hour and day counters of several logins
-    in one statement (held at COUNTER_MAX, as the domain counters are)."""
-    if counts:
-        conn.execute(_ADD, (json.dumps([(m, hour, day, min(n, COUNTER_MAX))
-                                        for m, hour, day, n in counts]),))
+    (held at COUNTER_MAX, as the domain counters are)."""
+    for start in range(0, len(counts), MAX_VALUES_LOGINS):
+        chunk = counts[start:start + MAX_VALUES_LOGINS]
+        params: list[Any] = []
+        for mailbox_id, hour, day, sent in chunk:
+            sent = min(sent, COUNTER_MAX)
+            params += (mailbox_id, hour, sent, mailbox_id, day, sent)
+        conn.execute(_add_values(len(chunk)), params)
 
 
 def close_ended_days(conn: sqlite3.Connection, today: str) -> int:
