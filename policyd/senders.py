@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from functools import lru_cache
 
 # Logins whose addresses are remembered at once; the least recently seen is forgotten first.
 # With lock_distinct_ips = N, each keeps at most N + 1 addresses, so the memory is bounded by
@@ -16,6 +17,7 @@ from collections import OrderedDict
 MAX_TRACKED_LOGINS = 50_000
 
 
+@lru_cache(maxsize=4096)  # a mail host sees the same clients again and again; parsing is 5 us
 def address_group(address: str) -> str | None:
     """The unit counted as one address: the IPv4 address, or the IPv6 /64 it is in (an
     IPv4-mapped IPv6 address is its IPv4 address); None when it is no IP address (Postfix
