@@ -11,7 +11,7 @@ lacks and the kill. Trials run at Litestream's default intervals (monitor-interv
 sync-interval 1 s) and at tighter ones. The harness is tests/litestream_harness.py, the one
 tests/test_litestream.py runs in CI.
 
-Throughput (--throughput): bench/policy_bench.py's load (the shared policyload.py, 1,000
+Throughput (--throughput): bench/policy_bench.py's load (tailload.py: policyload's requests, 1,000
 domains, END-OF-MESSAGE) against the null server, policyd, and policyd with Litestream
 replicating its database to moto's S3 at the default intervals, rounds interleaved.
 
