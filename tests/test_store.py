@@ -208,18 +208,21 @@ async def test_wal_starts_over_under_steady_writes(store: Store) -> None:
 def test_sender_counts_add_up_across_statement_chunks(tmp_path: Path) -> None:
     """add_counts writes many logins in chunks of MAX_VALUES_LOGINS: every login's hour and
     day counter gets its own n, again on a second batch, and a huge n is held at the maximum."""
-    from policyd.store import open_and_migrate, senders
+    from policyd.store import domains, mailboxes, open_and_migrate, senders
+    from policyd.store.scope import MASTER
     from policyd.policy import COUNTER_MAX
 
     path = tmp_path / "senders.sqlite3"
     open_and_migrate(path)
     conn = connect(path)
-    conn.execute("INSERT INTO domains (name, out_tier, created_at, updated_at) "
-                 "VALUES ('a.test', 'free', 'now', 'now')")
     count = 2 * senders.MAX_VALUES_LOGINS + 5
-    conn.executemany("INSERT INTO mailboxes (id, domain_id, local_part, email, password_hash, "
-                     "created_at, updated_at) VALUES (?, 1, ?, ?, 'x', 'now', 'now')",
-                     [(i, f"u{i}", f"u{i}@a.test") for i in range(1, count + 1)])
+    conn.execute("BEGIN IMMEDIATE")
+    domains.create_domain(conn, MASTER, "a.test", None, "unlimited", (None, None))
+    ids = {mailboxes.create_mailbox(conn, MASTER, f"u{i}", "a.test",
+                                    {"password_hash": "{BLF-CRYPT}$2b$04$test"}).id: i
+           for i in range(1, count + 1)}
+    conn.execute("COMMIT")
+    assert sorted(ids) == sorted(ids.values())  # mailbox ids 1..count, as counted below
     batch = [(i, "2026-12-04T10", "2026-12-04", i) for i in range(1, count + 1)]
     senders.add_counts(conn, batch)
     senders.add_counts(conn, batch)
