@@ -614,7 +614,9 @@ def test_senders_show_locks_and_limits_and_unlock(page: Page, world: tuple[Site,
     page.open_domain(domain, "senders")
     page.wait(lambda: "1 locked" in page.text("#domain-panel"), "the locked sender")
     page.wait(lambda: "1 sender locked" in page.text(".states"), "the state says so")
-    assert "locked by hand" in page.text(f'tr[data-email="{email}"]')
+    row = page.text(f'tr[data-email="{email}"]')
+    assert "locked by hand" in row
+    assert "unlimited" not in row  # counts stand alone where no limit applies ("0", not "0 of unlimited")
     page.click(f'tr[data-email="{email}"] button[aria-label^="Unlock"]')
     dialog_submit(page, {"#sender-daily": "50", "#sender-password": "a-new-password-7"})
     state = site.api("GET", f"/users/{email}/outbound", token=w.reseller.token)

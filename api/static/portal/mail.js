@@ -340,8 +340,9 @@ const LOCK_REASONS = {
   manual: 'it was locked by hand',
 };
 
-function limitText(value) {
-  return typeof value === 'number' ? formatCount(value) : 'unlimited';
+/** ' of N' after a count when a limit applies; nothing when the sender is unlimited. */
+function ofLimit(value) {
+  return typeof value === 'number' ? ` of ${formatCount(value)}` : '';
 }
 
 /** The sender settings of one mailbox: use, limits, lock; save or unlock (with a new password). */
@@ -360,7 +361,7 @@ export async function senderDialog(ctx, email) {
     build: (form) => {
       const number = (id, value) => el('input', { id, type: 'number', min: 0, step: 1, inputMode: 'numeric', value: typeof value === 'number' ? String(value) : '' });
       form.append(
-        el('p', {}, `Sent this hour: ${formatCount(current.sent_hour)} of ${limitText(current.hourly_limit)}; today: ${formatCount(current.sent_today)} of ${limitText(current.daily_limit)}.`),
+        el('p', {}, `Sent this hour: ${formatCount(current.sent_hour)}${ofLimit(current.hourly_limit)}; today: ${formatCount(current.sent_today)}${ofLimit(current.daily_limit)}.`),
         locked ? el('p', { className: 'message message-error' }, `Locked ${formatTime(current.locked_at)}: ${LOCK_REASONS[current.locked_reason] || current.locked_reason || 'no reason given'}. Its mail is refused until it is unlocked. Set a new password below before unlocking if it may be stolen.`) : null,
         field('Hourly limit (messages)', number('sender-hourly', current.hourly_limit), 'Empty: the platform default.')[0],
         field('Daily limit (messages)', number('sender-daily', current.daily_limit), 'Empty: the platform default.')[0]);
@@ -413,8 +414,8 @@ function senderRow(ctx, s, details) {
   const locked = s.status === 'locked';
   return el('tr', { 'data-email': s.email },
     el('th', { scope: 'row', 'data-label': 'Sender' }, el('bdi', {}, address)),
-    el('td', { 'data-label': 'This hour' }, `${formatCount(s.sent_hour)}${detail ? ` of ${limitText(detail.hourly_limit)}` : ''}`),
-    el('td', { 'data-label': 'Today' }, `${formatCount(s.sent_today)}${detail ? ` of ${limitText(detail.daily_limit)}` : ''}`),
+    el('td', { 'data-label': 'This hour' }, `${formatCount(s.sent_hour)}${ofLimit(detail && detail.hourly_limit)}`),
+    el('td', { 'data-label': 'Today' }, `${formatCount(s.sent_today)}${ofLimit(detail && detail.daily_limit)}`),
     el('td', { 'data-label': 'Status' }, locked ? badge('Locked', 'bad') : badge('Active', 'ok'),
       locked && detail ? el('p', { className: 'verdict-text' }, `Since ${formatTime(detail.locked_at)}: ${LOCK_REASONS[detail.locked_reason] || detail.locked_reason}.`) : null),
     el('td', { 'data-label': 'Actions' }, el('div', { className: 'actions' },
