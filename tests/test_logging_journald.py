@@ -119,7 +119,15 @@ async def test_serve_lines_carry_their_priority(tmp_path: Path) -> None:
     try:
         await read_until(reader, "policy server listening", seen)
         await read_until(reader, "API listening", seen)
-        _, writer = await asyncio.open_connection("127.0.0.1", policy_port)
+        reply_reader, writer = await asyncio.open_connection("127.0.0.1", policy_port)
+        for n in range(3):  # decisions: their lines come while the daemon runs, in order
+            writer.write(f"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                         f"client_address=192.0.2.{n}\nrecipient=r@elsewhere.test\n\n"
+                         .encode())
+        for _ in range(3):
+            assert (await reply_reader.readuntil(b"\n\n")).startswith(b"action=")
+        for n in range(3):
+            await read_until(reader, f"client=192.0.2.{n} ", seen)
         writer.write(b"no equals sign here\n\n")  # malformed: a warning, the connection closed
         await read_until(reader, "malformed request", seen)
         writer.close()
@@ -136,6 +144,8 @@ async def test_serve_lines_carry_their_priority(tmp_path: Path) -> None:
     assert any(line.startswith("<4>WARNING policyd.policyserver: policy connection from ")
                for line in seen), seen
     assert any(line.startswith("<6>INFO ") and "stopped cleanly" in line for line in seen)
+    decisions = [line for line in seen if line.startswith("<6>INFO policyd.service: policy ")]
+    assert len(decisions) == 3, seen
 
 
 def record(level: int, message: str, exc: bool = False) -> logging.LogRecord:
