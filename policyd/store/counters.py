@@ -75,7 +75,7 @@ def domains_facts(conn: sqlite3.Connection, names: Iterable[str], day: str,
     return {found[1].name: found for found in map(_found, rows)}
 
 
-def _saturating_sum(a: str, b: str) -> str:
+def saturating_sum(a: str, b: str) -> str:
     """SQL for a + b of two non-negative counters, held at COUNTER_MAX: past 2^63 - 1 SQLite
     turns the sum into a REAL, which a STRICT INTEGER column refuses, failing the statement
     and with it every request of the batch (a domain wedged for good)."""
@@ -83,8 +83,8 @@ def _saturating_sum(a: str, b: str) -> str:
 
 
 _UPSERT = ("ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-           f"sent = {_saturating_sum('sent', 'excluded.sent')}, "
-           f"bytes = {_saturating_sum('bytes', 'excluded.bytes')}")
+           f"sent = {saturating_sum('sent', 'excluded.sent')}, "
+           f"bytes = {saturating_sum('bytes', 'excluded.bytes')}")
 _ADD_JSON = (
     "INSERT INTO counters (domain_id, kind, period, sent, bytes) "
     "SELECT row.value ->> 0, kind.name, row.value ->> (1 + kind.n), row.value ->> 3, "
@@ -173,10 +173,10 @@ def freeze_months(conn: sqlite3.Connection, this_month: str, now: str) -> int:
         "frozen_at) SELECT domain_id, period, sent, bytes, bounces, complaints, ? "
         "FROM counters WHERE kind = 'month' AND period < ? "
         "ON CONFLICT (domain_id, period) DO UPDATE SET "
-        f"sent = {_saturating_sum('monthly_history.sent', 'excluded.sent')}, "
-        f"bytes = {_saturating_sum('monthly_history.bytes', 'excluded.bytes')}, "
-        f"bounces = {_saturating_sum('monthly_history.bounces', 'excluded.bounces')}, "
-        f"complaints = {_saturating_sum('monthly_history.complaints', 'excluded.complaints')}, "
+        f"sent = {saturating_sum('monthly_history.sent', 'excluded.sent')}, "
+        f"bytes = {saturating_sum('monthly_history.bytes', 'excluded.bytes')}, "
+        f"bounces = {saturating_sum('monthly_history.bounces', 'excluded.bounces')}, "
+        f"complaints = {saturating_sum('monthly_history.complaints', 'excluded.complaints')}, "
         "frozen_at = excluded.frozen_at",
         (now, this_month)).rowcount
     conn.execute("DELETE FROM counters WHERE kind = 'month' AND period < ?", (this_month,))
@@ -204,8 +204,8 @@ def add_feedback(conn: sqlite3.Connection, domain_id: int, day: str, month: str,
         "INSERT INTO counters (domain_id, kind, period, bounces, complaints) VALUES "
         "(?1, 'day', ?2, ?4, ?5), (?1, 'month', ?3, ?4, ?5) "
         "ON CONFLICT (domain_id, kind, period) DO UPDATE SET "
-        f"bounces = {_saturating_sum('bounces', 'excluded.bounces')}, "
-        f"complaints = {_saturating_sum('complaints', 'excluded.complaints')}",
+        f"bounces = {saturating_sum('bounces', 'excluded.bounces')}, "
+        f"complaints = {saturating_sum('complaints', 'excluded.complaints')}",
         (domain_id, day, month, bounces, complaints))
     return totals(conn, domain_id, day, month)
 

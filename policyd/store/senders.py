@@ -13,6 +13,7 @@ from policyd.errors import Forbidden
 from policyd.policy import COUNTER_MAX
 from policyd.store import outbox
 from policyd.store.changes import audit, record_change
+from policyd.store.counters import saturating_sum
 from policyd.store.mailboxes import Mailbox, get_mailbox
 from policyd.store.scope import Scope
 from policyd.timeutil import iso, utcnow
@@ -34,6 +35,13 @@ class LoginFound:
     epoch: str
     sent_hour: int
     sent_today: int
+
+    def counted(self, n: int) -> LoginFound:
+        """The same login with n more messages this hour and today (built positionally:
+        dataclasses.replace is five times slower, and this runs per login per batch)."""
+        return LoginFound(self.mailbox_id, self.email, self.partner_id, self.domain,
+                          self.hourly_limit, self.daily_limit, self.locked, self.epoch,
+                          self.sent_hour + n, self.sent_today + n)
 
 
 # What the hot path reads of a login: LoginFound's field -> SQL expression. The SELECT lists
@@ -68,9 +76,8 @@ def logins(conn: sqlite3.Connection, emails: Iterable[str], hour: str,
     return {login.email: login for login in found}
 
 
-_UPSERT = (" ON CONFLICT (mailbox_id, kind, period) DO UPDATE SET sent = CASE "
-           f"WHEN sent > {COUNTER_MAX} - excluded.sent THEN {COUNTER_MAX} "
-           "ELSE sent + excluded.sent END")
+_UPSERT = (" ON CONFLICT (mailbox_id, kind, period) DO UPDATE SET "
+           f"sent = {saturating_sum('sent', 'excluded.sent')}")
 MAX_VALUES_LOGINS = 128  # more logins than this in one batch: one statement per chunk
 
 
