@@ -96,6 +96,17 @@ def request_bytes(**attrs: Any) -> bytes:
     return "".join(f"{k}={v}\n" for k, v in base.items()).encode() + b"\n"
 
 
+async def reply_until_closed(port: int, payload: bytes) -> bytes:
+    """Send payload to the policy port; everything it sends back until it closes the
+    connection (b'' when it sends nothing)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
 def outbound(sender: str, **attrs: Any) -> dict[str, Any]:
     """Attributes of an authenticated (outbound) request from sender."""
     return {"sender": sender, "sasl_username": attrs.pop("sasl_username", sender),

@@ -13,7 +13,9 @@ from typing import Any, AsyncIterator
 import aiohttp
 
 from policyd.config import load_config
-from policyd.store import connect, counters
+from policyd.ses import SesStatus
+from policyd.sesflow import _store_status
+from policyd.store import Store, connect, counters
 from policyd.store import domains as domain_store
 from policyd.timeutil import Periods, utcnow
 from tests.conftest import MASTER, write_config
@@ -130,14 +132,31 @@ async def serving(config: Path) -> AsyncIterator[DaemonProcess]:
         await daemon.drain
 
 
-def sent_today(db_path: Path, domain: str) -> int:
-    """A domain's counter for today, read straight from a database file (of a daemon that
-    may be dead)."""
+def domain_totals(db_path: Path, domain: str) -> counters.Totals:
+    """A domain's counters for today and this month, read straight from a database file (of
+    a daemon that may be dead)."""
     conn = connect(db_path, readonly=True)
     try:
         found = domain_store.find_domain(conn, domain)
         assert found is not None
         day, month = Periods("UTC").keys(utcnow())
-        return counters.totals(conn, found.id, day, month).sent_today
+        return counters.totals(conn, found.id, day, month)
     finally:
         conn.close()
+
+
+def sent_today(db_path: Path, domain: str) -> int:
+    """A domain's counter for today, read straight from a database file."""
+    return domain_totals(db_path, domain).sent_today
+
+
+async def mark_ses_verified(db_path: Path, domain: str) -> None:
+    """Store a domain's SES verification as the poller would, from a second writer process
+    on the daemon's database (as a CLI job is)."""
+    store = Store(db_path)
+    await store.open()
+    try:
+        await store.write(_store_status, domain,
+                          SesStatus("success", "Success", "tok", ("a", "b", "c")))
+    finally:
+        await store.close()

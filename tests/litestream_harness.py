@@ -15,7 +15,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -26,11 +25,11 @@ import aiohttp
 
 from policyd.ses import SesStatus
 from policyd.sesflow import _store_status
-from policyd.store import Store, connect
-from policyd.store import counters
+from policyd.store import Store
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER
-from policyd.timeutil import Periods, utcnow
+from tests.daemon_process import domain_totals
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "litestream.yml"
@@ -50,13 +49,6 @@ def litestream_binary() -> str | None:
     """The `litestream` of the replication extra (beside this Python), else one on PATH."""
     beside = Path(sys.executable).with_name("litestream")
     return str(beside) if beside.is_file() else shutil.which("litestream")
-
-
-def free_port() -> int:
-    """A port free right now (the process given it binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def render_conf(dest: Path, db: Path, control_socket: Path, metrics_port: int,
@@ -295,14 +287,7 @@ async def seed(db: Path) -> None:
 
 def sent_month(db: Path) -> int:
     """The domain's messages this month, read from a database file."""
-    conn = connect(db, readonly=True)
-    try:
-        domain = domain_store.find_domain(conn, DOMAIN)
-        assert domain is not None
-        day, month = Periods("UTC").keys(utcnow())
-        return counters.totals(conn, domain.id, day, month).sent_month
-    finally:
-        conn.close()
+    return domain_totals(db, DOMAIN).sent_month
 
 
 class Load:

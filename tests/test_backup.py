@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from policyd.ses import SesStatus
-from policyd.sesflow import _store_status
-from policyd.store import Store
 from policyd.store.backup import SIDE_FILES
 from tests.conftest import outbound, request_bytes
-from tests.daemon_process import DaemonProcess, daemon_config, run_cli, sent_today, serving
+from tests.daemon_process import (DaemonProcess, daemon_config, mark_ses_verified, run_cli,
+                                  sent_today, serving)
 
 DOMAIN = "backup.example"
 CLIENTS = 4
@@ -80,13 +78,7 @@ async def seed(daemon: DaemonProcess, db_path: Path) -> None:
     assert status == 201, body
     status, body = await daemon.api("PUT", f"/domains/{DOMAIN}/outbound", {"tier": "unlimited"})
     assert status == 200, body
-    store = Store(db_path)  # a second writer process on the same database, as a CLI job is
-    await store.open()
-    try:
-        await store.write(_store_status, DOMAIN,
-                          SesStatus("success", "Success", "tok", ("a", "b", "c")))
-    finally:
-        await store.close()
+    await mark_ses_verified(db_path, DOMAIN)
 
 
 async def api_sent_today(daemon: DaemonProcess) -> int:

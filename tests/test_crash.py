@@ -15,11 +15,9 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from policyd.ses import SesStatus
-from policyd.sesflow import _store_status
-from policyd.store import Store
 from tests.conftest import MASTER, outbound, request_bytes
-from tests.daemon_process import DaemonProcess, daemon_config, sent_today, serving
+from tests.daemon_process import (DaemonProcess, daemon_config, mark_ses_verified, sent_today,
+                                  serving)
 
 pytestmark = pytest.mark.slow  # a stress test: `pytest -m "not slow"` skips it
 
@@ -45,13 +43,7 @@ async def seed_domain(daemon: DaemonProcess, db_path: Path) -> None:
         async with http.put(f"{base}/domains/{DOMAIN}/outbound",
                             json={"tier": "unlimited"}) as resp:
             assert resp.status == 200, await resp.text()
-    store = Store(db_path)  # a second writer process on the same WAL database
-    await store.open()
-    try:
-        await store.write(_store_status, DOMAIN,
-                          SesStatus("success", "Success", "tok", ("a", "b", "c")))
-    finally:
-        await store.close()
+    await mark_ses_verified(db_path, DOMAIN)
 
 
 class Load:

@@ -18,19 +18,10 @@ from policyd.store import Store, StoreError, counters
 from policyd.store import domains as domain_store
 from policyd.store.scope import MASTER as MASTER_SCOPE
 from policyd.timeutil import Periods
-from tests.conftest import Daemon, outbound, request_bytes, submit_batched
+from tests.conftest import (Daemon, outbound, reply_until_closed, request_bytes,
+                            submit_batched)
 
 OPTIONS = JobOptions("END-OF-MESSAGE", "hold", Periods("UTC"))
-
-
-async def _reply(port: int, payload: bytes) -> bytes:
-    """What the server sends back for payload before it closes (b'' if it sends nothing)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(payload)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("attrs,answered", [
@@ -63,7 +54,7 @@ async def test_a_malformed_number_fails_no_other_request(daemon: Daemon) -> None
                                    recipient_count="999"))
     replies = await asyncio.gather(
         *(c.ask(**outbound("a@bounds.example")) for c in good),
-        _reply(daemon.policy_port, bad))
+        reply_until_closed(daemon.policy_port, bad))
     assert replies[:-1] == ["DUNNO"] * 8
     assert replies[-1] == b""
     _, stats = await daemon.api("GET", "/domains/bounds.example/outbound")

@@ -9,6 +9,7 @@ from typing import Callable
 import pytest
 
 from policyd.policyserver import PolicyServer, _PeerLog
+from tests.conftest import reply_until_closed
 
 
 class Clock:
@@ -25,15 +26,6 @@ def _answer(attrs: dict[str, str], peer: str, respond: Callable[[bytes], None]) 
     respond(b"action=DUNNO\n\n")
 
 
-async def _send(port: int, payload: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(payload)
-    try:
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-
-
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
@@ -47,7 +39,7 @@ async def test_one_line_per_address_per_minute_with_a_count(
     await server.start()
     try:
         for _ in range(30):
-            assert await _send(server.port, b"garbage without equals\n\n") == b""
+            assert await reply_until_closed(server.port, b"garbage without equals\n\n") == b""
         assert len(counted) == 30  # the metric sees every one
         assert len(_lines(caplog, "malformed request")) == 1
         # a good request still gets its answer
@@ -61,7 +53,7 @@ async def test_one_line_per_address_per_minute_with_a_count(
         summary = _lines(caplog, "more malformed requests")
         assert summary == ["policy: 29 more malformed requests from 127.0.0.1 in the last "
                            "minute (last: no '=')"]
-        assert await _send(server.port, b"x\n\n") == b""  # a new window logs at once
+        assert await reply_until_closed(server.port, b"x\n\n") == b""  # a new window logs at once
         assert len(_lines(caplog, "closed: malformed request")) == 2
     finally:
         await server.stop()
