@@ -37,6 +37,7 @@ from policyd.store import Store  # noqa: E402
 from policyd.store import domains as domain_store  # noqa: E402
 from policyd.store import mailboxes as mailbox_store  # noqa: E402
 from policyd.store.scope import MASTER  # noqa: E402
+from tests.ports import free_port  # noqa: E402  (re-exported: the other benchmarks use it)
 
 TOOLS = Path(os.environ.get("POLICYD_TOOLS", "/work/shared/tools"))
 BENCH = Path(__file__).resolve().parent
@@ -56,13 +57,6 @@ class Target:
     argv: list[str]
     port: int
     trace: Path | None = None  # where tail_trace.py's probes write, if traced
-
-
-def free_port() -> int:
-    """An ephemeral port that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _seed_rows(conn: Any, count: int, logins: int) -> int:
