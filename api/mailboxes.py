@@ -53,6 +53,11 @@ def _email(value: object) -> str:
     return f"{local}@{domain}"
 
 
+def mailbox_address(request: web.Request) -> str:
+    """The normalised {email} of the path."""
+    return _email(request.match_info["email"])
+
+
 def _domain_filter(request: web.Request) -> str | None:
     """The normalised ?domain= filter, if given."""
     value = request.query.get("domain")
@@ -105,14 +110,14 @@ async def get_user(request: web.Request) -> web.Response:
     """GET /users/{email}."""
     rt = runtime_of(request)
     mailbox = await rt.store.read(store.get_mailbox, scope_of(request),
-                                  _email(request.match_info["email"]))
+                                  mailbox_address(request))
     return web.json_response(render_mailbox(mailbox))
 
 
 async def update_user(request: web.Request) -> web.Response:
     """PUT /users/{email}: partial update (a new password is hashed)."""
     rt, scope = runtime_of(request), scope_of(request)
-    address = _email(request.match_info["email"])
+    address = mailbox_address(request)
     body = await json_body(request)
     only(body, USER_FIELDS)
     if "email" in body and _email(body["email"]) != address:
@@ -130,7 +135,7 @@ async def update_user(request: web.Request) -> web.Response:
 async def delete_user(request: web.Request) -> web.Response:
     """DELETE /users/{email}."""
     rt, scope = runtime_of(request), scope_of(request)
-    address = _email(request.match_info["email"])
+    address = mailbox_address(request)
     await rt.store.write(store.delete_mailbox, scope, address)
     log.info("mailbox %s deleted by %s", address, scope.actor)
     return web.Response(status=204)
@@ -140,7 +145,7 @@ async def get_quota(request: web.Request) -> web.Response:
     """GET /users/{email}/quota."""
     rt = runtime_of(request)
     mailbox = await rt.store.read(store.get_mailbox, scope_of(request),
-                                  _email(request.match_info["email"]))
+                                  mailbox_address(request))
     return web.json_response({"email": mailbox.email, "quota_bytes": mailbox.quota_bytes,
                               "used_bytes": mailbox.used_bytes})
 
@@ -148,7 +153,7 @@ async def get_quota(request: web.Request) -> web.Response:
 async def put_quota(request: web.Request) -> web.Response:
     """PUT /users/{email}/quota: bytes, or null for unlimited."""
     rt, scope = runtime_of(request), scope_of(request)
-    address = _email(request.match_info["email"])
+    address = mailbox_address(request)
     body = await json_body(request)
     only(body, ("quota_bytes",))
     if "quota_bytes" not in body:

@@ -11,12 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from api.common import (json_body, normalised, only, opt_int, page, paged, runtime_of,
-                        scope_of)
+from api.common import json_body, only, opt_int, page, paged, runtime_of, scope_of
 from api.domains import domain_name
+from api.mailboxes import mailbox_address
 from policyd.config import SendersConfig
 from policyd.errors import Forbidden, Invalid
-from policyd.names import normalize_email
 from policyd.policy import sender_limit
 from policyd.runtime import Runtime
 from policyd.store import senders as store
@@ -29,11 +28,6 @@ log = logging.getLogger(__name__)
 LIMITS = ("hourly_limit", "daily_limit")
 STATUSES = ("active", "locked")
 MAX_LIMIT = 10**9  # messages an hour or a day: far above any real mailbox
-
-
-def _email(request: web.Request) -> str:
-    local, domain = normalised(normalize_email, request.match_info["email"])
-    return f"{local}@{domain}"
 
 
 def _periods(rt: Runtime) -> tuple[str, str]:
@@ -55,7 +49,8 @@ def render(sender: Sender, defaults: SendersConfig) -> dict[str, Any]:
 async def get_outbound(request: web.Request) -> web.Response:
     """GET /users/{email}/outbound: the sender's limits, use and lock."""
     rt, scope = runtime_of(request), scope_of(request)
-    sender = await rt.store.read(store.get_sender, scope, _email(request), *_periods(rt))
+    sender = await rt.store.read(store.get_sender, scope, mailbox_address(request),
+                                 *_periods(rt))
     return web.json_response(render(sender, rt.config.senders))
 
 
@@ -74,7 +69,7 @@ def _check_permission(scope: Scope, body: dict[str, Any], defaults: SendersConfi
 async def put_outbound(request: web.Request) -> web.Response:
     """PUT /users/{email}/outbound: own limits (null: back to the default), lock or unlock."""
     rt, scope = runtime_of(request), scope_of(request)
-    email = _email(request)
+    email = mailbox_address(request)
     body = await json_body(request)
     only(body, (*LIMITS, "status", "email", "sent_hour", "sent_today", "locked_reason",
                 "locked_at"))  # what GET shows may be PUT back; only these three change
